@@ -1,0 +1,56 @@
+"""``mexit train``: train a multi-exit model and search its early-exit threshold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@click.command("train")
+@click.option("--dataset", required=True, help="Dataset name: cifar10, cifar100, tinyimagenet, purchase, texas, "
+              "location or digits (embedded, no download).")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="Directory holding the dataset files (not needed for digits).")
+@click.option("--arch", required=True, help="Backbone: vgg16, resnet56, mobilenetv2, wrn32-4, fcn18-1..fcn18-4.")
+@click.option("--exits", type=int, default=6, show_default=True, help="Number of exits, 1 (vanilla) to 6.")
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: per dataset).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-3 for Adam, 0.1 for SGD).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--weighting", type=click.Choice(["sum", "sdn"]), default="sum", show_default=True,
+              help="Loss over exits: plain sum, or the SDN weight ramp.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--role", type=click.Choice(["target", "shadow"]), default="target", show_default=True,
+              help="Train on the target or the shadow split.")
+@click.option("--limit", type=int, default=None,
+              help="Use at most this many samples per split (quick runs on CPU).")
+@click.option("--tolerance", type=float, default=0.01, show_default=True,
+              help="Accuracy drop allowed when searching the early-exit threshold.")
+@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: all cores).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
+def command(out_dir: Path, **kwargs: Any) -> None:
+    """Train a multi-exit model jointly and search its early-exit threshold."""
+    from mexit.train.runner import make_config, train_run
+
+    config = make_config(**kwargs)
+    result = train_run(config, out_dir)
+    acc = result["final_exit"]
+    tau = result["threshold"]
+    click.echo(
+        f"trained {config.arch} ({config.exits} exits) on {config.dataset}: final-exit test accuracy "
+        f"{acc['test_accuracy']:.4f} (train {acc['train_accuracy']:.4f})"
+    )
+    for row in result["per_exit"]:
+        click.echo(
+            f"  exit {row['exit']}: test {row['test_accuracy']:.4f}  train {row['train_accuracy']:.4f}  "
+            f"FLOPs {row['flops']:,} ({row['flops_fraction']:.2f})"
+        )
+    click.echo(
+        f"threshold tau={tau['tau']:.2f}: validation accuracy {tau['accuracy']:.4f} "
+        f"(final exit {tau['reference_accuracy']:.4f}) at {tau['flops_fraction']:.2f} of full-depth FLOPs"
+    )
+    click.echo(f"run written to {out_dir}")
+
+

@@ -1,0 +1,133 @@
+"""Input hashers: the per-input identity that TimeGuard's delay is keyed on.
+
+The delay of an input must not change when it is queried again, so its seed comes from a hash of the
+input, and the choice of hash decides what counts as "the same input":
+
+* :class:`PerceptualHasher` (images): near-duplicates (re-encoded, ±1 grey level) usually share a hash and
+  so share a delay, which stops an attacker from averaging the delay away over slightly perturbed
+  copies. It is not a guarantee: a perturbation that moves a DCT coefficient across the median flips a
+  bit and gives a fresh delay.
+* :class:`ExactHasher` (tabular rows): SHA-512 of a canonical byte encoding; any change gives a fresh,
+  independent delay, and equal values give equal hashes whatever dtype or memory layout they came in.
+
+Both are pure functions of the values, so the same input hashes the same in every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Literal, Protocol, runtime_checkable
+
+import imagehash
+import numpy as np
+from PIL import Image
+
+from mexit.errors import ConfigError, InputError
+
+PerceptualKind = Literal["phash", "ahash"]
+_PERCEPTUAL = {"phash": imagehash.phash, "ahash": imagehash.average_hash}
+
+
+@runtime_checkable
+class InputHasher(Protocol):
+    """Maps one input sample (no batch axis) to a digest; ``name`` separates hash families in the KDF."""
+
+    @property
+    def name(self) -> str: ...
+
+    def digest(self, x: np.ndarray) -> bytes: ...
+
+
+def _check_finite(x: np.ndarray) -> None:
+    if not np.all(np.isfinite(x)):
+        raise InputError("cannot hash an input with NaN or infinite values; expected finite numbers")
+
+
+class PerceptualHasher:
+    """A perceptual hash (imagehash pHash or aHash) of one image given as float ``(C, H, W)``.
+
+    ``value_range`` is the pixel range of the model input (``(0, 1)`` for mexit bundles, which
+    normalise inside the graph); pixels are mapped to uint8, channels moved last by a transpose (the
+    reference reshaped CHW memory as HWC, scrambling the image), and 1 or 3 channels become an L or
+    RGB PIL image. 2-D ``(H, W)`` inputs are taken as grey.
+    """
+
+    def __init__(self, kind: PerceptualKind = "phash", hash_size: int = 8,
+                 value_range: tuple[float, float] = (0.0, 1.0)) -> None:
+        if kind not in _PERCEPTUAL:
+            raise ConfigError(f"unknown perceptual hash {kind!r}; expected one of {sorted(_PERCEPTUAL)}")
+        if hash_size < 2:
+            raise ConfigError(f"hash_size must be >= 2, got {hash_size}")
+        lo, hi = float(value_range[0]), float(value_range[1])
+        if not hi > lo:
+            raise ConfigError(f"value_range must be (low, high) with high > low, got {value_range}")
+        self.kind = kind
+        self.hash_size = int(hash_size)
+        self.value_range = (lo, hi)
+        self._fn = _PERCEPTUAL[kind]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.hash_size}"
+
+    def to_image(self, x: np.ndarray) -> Image.Image:
+        """The PIL image the hash is computed on (exposed so that tests and users can inspect it)."""
+        arr = np.asarray(x)
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3 or arr.shape[0] not in (1, 3):
+            raise InputError(f"perceptual hashing expects one image of shape (C, H, W) with C in (1, 3) "
+                             f"or (H, W); got shape {tuple(np.shape(x))}")
+        _check_finite(arr)
+        lo, hi = self.value_range
+        scaled = np.array(arr, dtype=np.float32)  # a private copy, scaled in place (this is on the request path)
+        if lo != 0.0:
+            scaled -= np.float32(lo)
+        scaled *= np.float32(255.0 / (hi - lo))
+        np.rint(scaled, out=scaled)
+        u8 = np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
+        hwc = np.ascontiguousarray(u8.transpose(1, 2, 0))
+        if hwc.shape[2] == 1:
+            return Image.fromarray(hwc[:, :, 0])
+        return Image.fromarray(hwc)
+
+    def digest(self, x: np.ndarray) -> bytes:
+        bits = self._fn(self.to_image(x), hash_size=self.hash_size).hash
+        return np.packbits(np.asarray(bits, dtype=bool).ravel()).tobytes()
+
+    def __repr__(self) -> str:
+        return f"PerceptualHasher(kind={self.kind!r}, hash_size={self.hash_size}, value_range={self.value_range})"
+
+
+class ExactHasher:
+    """SHA-512 of a canonical encoding: the shape (uint64 LE) then float32 LE C-order values.
+
+    Values are cast to float32 (what the runtime feeds the model) and ``-0.0`` is folded into ``0.0``,
+    so equal inputs hash equally regardless of dtype, byte order or memory layout.
+    """
+
+    name = "sha512"
+
+    def digest(self, x: np.ndarray) -> bytes:
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"exact hashing expects numeric values; got dtype {arr.dtype}")
+        _check_finite(arr)
+        # Adding +0.0 folds -0.0 into 0.0 and yields a fresh C-contiguous array (no copy for "<f4" on LE).
+        values = (np.asarray(arr, dtype=np.float32) + np.float32(0.0)).astype("<f4", copy=False)
+        digest = hashlib.sha512(struct.pack(f"<Q{arr.ndim}Q", arr.ndim, *arr.shape))
+        digest.update(memoryview(np.ascontiguousarray(values)).cast("B"))
+        return digest.digest()
+
+    def __repr__(self) -> str:
+        return "ExactHasher()"
+
+
+def hasher_for(kind: str) -> InputHasher:
+    """The default hasher for a dataset kind: pHash for ``image``, SHA-512 for ``tabular``."""
+    if kind == "image":
+        return PerceptualHasher("phash")
+    if kind == "tabular":
+        return ExactHasher()
+    raise ConfigError(f"unknown input kind {kind!r}; expected 'image' or 'tabular'")

@@ -1,0 +1,50 @@
+"""Types shared by every runtime backend and by the layers above it (defense, serve, attacks).
+
+Kept free of onnxruntime and torch so that anything can import them cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The result of one ``predict`` call on a batch of ``n`` samples.
+
+    ``probs`` (n, classes) float32 softmax of the exit each sample left at; ``labels`` (n,) int64 argmax;
+    ``exit_index`` (n,) int64, 0-based, ``num_exits - 1`` is the final exit; ``latency_ns`` (n,) int64,
+    for each sample the wall time from the start of the call until its exit decision was made (so in
+    a batch, samples that leave early have smaller latencies).
+    """
+
+    probs: np.ndarray
+    labels: np.ndarray
+    exit_index: np.ndarray
+    latency_ns: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What the defense, the server and the attacks need from an early-exit runtime."""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample input shape, without the batch axis."""
+        ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def num_exits(self) -> int: ...
+
+    def predict(self, x: np.ndarray, *, full_depth: bool = False) -> Prediction:
+        """Run a batch ``x`` of shape ``(n, *input_shape)`` float32 through the early-exit chain."""
+        ...

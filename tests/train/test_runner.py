@@ -1,0 +1,107 @@
+"""Training runs end to end on the embedded digits data: metrics, reuse, resume, refusal of bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mexit.errors import ConfigError, UserError
+from mexit.train import runner
+from mexit.train.runner import load_run, make_config, train_run
+
+FAST = dict(dataset="digits", arch="fcn18-1", exits=3, epochs=3, batch_size=16, limit=120, seed=3, threads=1)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    metrics = train_run(make_config(**FAST), out, progress=False)
+    return out, metrics
+
+
+def test_run_writes_metrics_and_threshold(finished_run):
+    out, metrics = finished_run
+    for name in ("config.json", "splits.npz", "checkpoint.pt", "model.pt", "metrics.json"):
+        assert (out / name).exists(), name
+    assert len(metrics["per_exit"]) == 3
+    flops = [row["flops"] for row in metrics["per_exit"]]
+    assert flops == sorted(flops) and flops[0] < flops[-1]
+    assert 0.0 <= metrics["threshold"]["tau"] <= 1.0
+    assert metrics["final_exit"]["train_accuracy"] > 0.5  # digits is easy even after 3 epochs
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["config"]["seed"] == 3 and saved["provenance"]["versions"]["torch"]
+
+
+def test_rerun_reuses_complete_run(finished_run, monkeypatch):
+    out, metrics = finished_run
+    monkeypatch.setattr(runner, "train_epoch", lambda *a, **k: pytest.fail("a complete run must not retrain"))
+    assert train_run(make_config(**FAST), out, progress=False) == metrics
+
+
+def test_load_run_rebuilds_the_model(finished_run):
+    out, metrics = finished_run
+    run = load_run(out)
+    assert run.threshold == metrics["threshold"]["tau"]
+    x = run.dataset.inputs(run.splits.target_test[:20])
+    with torch.no_grad():
+        acc = (run.model(torch.from_numpy(x))[-1].argmax(1).numpy() == run.dataset.y[run.splits.target_test[:20]])
+    assert acc.mean() == pytest.approx(metrics["final_exit"]["test_accuracy"], abs=0.35)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, finished_run, monkeypatch):
+    calls = {"n": 0}
+    real = runner.train_epoch
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # simulated Ctrl-C during epoch 3
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(make_config(**FAST), tmp_path, progress=False)
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "metrics.json").exists()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 2
+
+    resumed_epochs = []
+    monkeypatch.setattr(runner, "train_epoch", lambda *a, **k: resumed_epochs.append(1) or real(*a, **k))
+    metrics = train_run(make_config(**FAST), tmp_path, progress=False)
+    assert len(resumed_epochs) == 1  # only epoch 3 was trained again
+    ref_out, ref_metrics = finished_run
+    got = torch.load(tmp_path / "model.pt", weights_only=False)["model"]
+    ref = torch.load(ref_out / "model.pt", weights_only=False)["model"]
+    for key in ref:
+        assert torch.equal(got[key], ref[key]), key
+    assert metrics["per_exit"] == ref_metrics["per_exit"]
+
+
+def test_bad_config_is_a_config_error():
+    with pytest.raises(ConfigError, match="exits"):
+        make_config(**{**FAST, "exits": 7})
+    with pytest.raises(ConfigError, match="unknown dataset"):
+        make_config(**{**FAST, "dataset": "mnist"})
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        make_config(**{**FAST, "arch": "resnet9000"})
+
+
+def test_other_config_in_run_dir_is_refused(finished_run):
+    out, _ = finished_run
+    with pytest.raises(UserError, match="different configuration"):
+        train_run(make_config(**{**FAST, "seed": 4}), out, progress=False)
+
+
+def test_missing_data_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError):
+        train_run(make_config(dataset="location", data_root=tmp_path / "nowhere", arch="fcn18-1", exits=2), out)
+    assert not out.exists()
+
+
+def test_splits_are_reused_from_the_run(finished_run):
+    out, _ = finished_run
+    a = np.load(out / "splits.npz")
+    run = load_run(out)
+    assert np.array_equal(a["target_train"], run.splits.target_train)
