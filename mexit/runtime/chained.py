@@ -1,0 +1,240 @@
+"""``EarlyExitRuntime``: run a bundle's stages in a chain and let every sample leave at its own exit.
+
+After stage ``k`` the runtime takes the softmax of exit ``k``'s logits for the samples still in flight,
+applies the exit policy row by row (see :mod:`mexit.runtime.policy`), records the samples that leave,
+and carries on with the rest only: their features are compacted (``backend.take``) and fed to stage
+``k + 1``. A batch is therefore never decided from its first sample (a bug of the reference code),
+and a sample's result does not depend on which other samples share its batch.
+
+Latency: ``latency_ns[i]`` is the wall time (``time.perf_counter_ns``) from the start of the ``predict``
+call (input validation included) to the moment sample ``i``'s exit decision was made. Within one
+batch it is therefore non-decreasing in the exit index.
+
+Inputs (validated before any backend call, :class:`mexit.errors.InputError` naming expected vs given):
+a numpy array ``(n, *input_shape)`` with ``n >= 1``, finite values, of a real numeric dtype. Floats of
+any width are cast to float32. For image bundles ``uint8`` is accepted and scaled by 1/255 (the
+training convention); other integer dtypes are refused for images (their scale is ambiguous). For
+tabular bundles integers are cast as they are. Booleans, complex numbers, strings and objects are
+refused: cast explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import numpy as np
+
+from mexit.bundle import Bundle, Manifest, load_bundle
+from mexit.errors import InputError
+from mexit.runtime.backends import Backend, get_backend
+from mexit.runtime.policy import ExitPolicy, softmax
+from mexit.runtime.types import Prediction
+
+
+def validate_inputs(x: Any, input_shape: tuple[int, ...], kind: str) -> np.ndarray:
+    """Check ``x`` against the bundle's input spec and return it as C-contiguous float32 (see module doc)."""
+    if (
+        type(x) is np.ndarray
+        and x.dtype == np.float32
+        and x.shape[1:] == input_shape
+        and x.ndim == len(input_shape) + 1
+        and x.shape[0] > 0
+        and x.flags.c_contiguous
+    ):  # the common case, kept cheap: it is on every request's latency path
+        if not np.isfinite(x).all():
+            raise InputError(f"expected finite values, got {int(x.size - np.isfinite(x).sum())} NaN/inf value(s)")
+        return x
+    expected = f"(n, {', '.join(map(str, input_shape))})"
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"expected a numpy array of shape {expected} float32, got {type(x).__name__}")
+    dt = x.dtype
+    if dt.kind not in "fiu":
+        raise InputError(
+            f"expected a real numeric array (float32 preferred), got dtype {dt}; cast it, e.g. x.astype(np.float32)"
+        )
+    if dt.kind in "iu" and kind == "image" and dt != np.uint8:
+        raise InputError(
+            f"expected image inputs as float32 in [0, 1] (or uint8 in [0, 255]), got dtype {dt}; "
+            "convert with x.astype(np.float32) / 255 if they are 0..255 pixels"
+        )
+    if x.ndim != len(input_shape) + 1:
+        hint = "; add a batch axis (x[None])" if tuple(x.shape) == tuple(input_shape) else ""
+        raise InputError(f"expected an array of rank {len(input_shape) + 1} {expected}, got shape {x.shape}{hint}")
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise InputError(f"expected per-sample shape {tuple(input_shape)} {expected}, got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise InputError(f"expected a non-empty batch {expected}, got shape {x.shape}")
+    if dt == np.uint8 and kind == "image":
+        out = x.astype(np.float32)
+        out /= np.float32(255.0)  # division, exactly as mexit.data and the trainer scale pixels
+        return out
+    with np.errstate(over="ignore"):  # float64 beyond the float32 range becomes inf: reported just below
+        out = np.ascontiguousarray(x, dtype=np.float32)
+    if dt.kind == "f" and not np.isfinite(out).all():
+        bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
+        raise InputError(
+            f"expected finite values, got {bad} NaN/inf value(s)"
+            + (" (float64 values beyond the float32 range overflow)" if dt.itemsize > 4 else "")
+        )
+    return out
+
+
+class EarlyExitRuntime:
+    """A loaded bundle on one backend, with an exit policy; implements :class:`mexit.runtime.types.Runtime`.
+
+    ``policy`` and ``threshold`` default to the bundle's manifest; passing them overrides it for this
+    runtime only (e.g. to sweep thresholds, or re-calibrate for an FP16 backend). ``backend_opts`` go
+    to the backend (e.g. ``intra_op_threads=2`` for ONNX Runtime, ``device="cuda"`` for torch).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike[str],
+        *,
+        backend: str | Backend = "onnxruntime",
+        policy: str | None = None,
+        threshold: float | None = None,
+        **backend_opts: Any,
+    ) -> None:
+        self.bundle = load_bundle(bundle)
+        m = self.bundle.manifest
+        self.policy = ExitPolicy(policy or m.policy.kind, m.policy.threshold if threshold is None else threshold)
+        if isinstance(backend, str):
+            self.backend: Backend = get_backend(backend, self.bundle, **backend_opts)
+        else:
+            self.backend = backend
+        self._input_shape = tuple(m.input.sample_shape)
+        self._kind = m.dataset.kind
+        self._num_exits = m.model.num_exits
+        self._num_classes = m.model.num_classes
+        self._lock: AbstractContextManager[Any] = nullcontext() if self.backend.thread_safe else threading.Lock()
+
+    # --- Runtime protocol -------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def num_exits(self) -> int:
+        return self._num_exits
+
+    @property
+    def threshold(self) -> float:
+        return float(self.policy.threshold)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    @property
+    def exit_costs(self) -> list[int]:
+        """FLOPs spent to leave at each exit (earlier heads included), from the manifest."""
+        return [e.runtime_flops for e in self.bundle.manifest.exits]
+
+    def predict(self, x: np.ndarray, *, full_depth: bool = False, force_exit: int | None = None) -> Prediction:
+        """Classify the batch ``x``; see the module docstring for inputs, exits and latency.
+
+        ``full_depth=True`` runs the single full-depth graph (the vanilla model: every sample at the
+        final exit). ``force_exit=k`` sends every sample out at exit ``k`` along the normal path (the
+        earlier exits are still evaluated, so the timing is that of a natural exit at ``k``).
+        """
+        t0 = time.perf_counter_ns()
+        if force_exit is not None:
+            if isinstance(force_exit, bool) or not isinstance(force_exit, int | np.integer) or not (
+                0 <= force_exit < self._num_exits
+            ):
+                raise InputError(f"force_exit must be an exit index in 0..{self._num_exits - 1}, got {force_exit!r}")
+            if full_depth:
+                raise InputError("full_depth and force_exit are exclusive: pass one of them")
+            force_exit = int(force_exit)
+        xs = validate_inputs(x, self._input_shape, self._kind)
+        n = xs.shape[0]
+        probs = np.empty((n, self._num_classes), dtype=np.float32)
+        exit_index = np.empty(n, dtype=np.int64)
+        latency = np.empty(n, dtype=np.int64)
+        step = self.backend.max_batch or n
+        with self._lock:
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                if full_depth:
+                    self._full(xs[start:stop], start, t0, probs, exit_index, latency)
+                else:
+                    self._chain(xs[start:stop], start, t0, force_exit, probs, exit_index, latency)
+        return Prediction(probs=probs, labels=probs.argmax(axis=1).astype(np.int64), exit_index=exit_index,
+                          latency_ns=latency)
+
+    def _full(self, x: np.ndarray, offset: int, t0: int, probs: np.ndarray, exit_index: np.ndarray,
+              latency: np.ndarray) -> None:
+        p = softmax(self.backend.full(x))
+        now = time.perf_counter_ns()
+        sl = slice(offset, offset + len(x))
+        probs[sl] = p
+        exit_index[sl] = self._num_exits - 1
+        latency[sl] = now - t0
+
+    def _chain(self, x: np.ndarray, offset: int, t0: int, force_exit: int | None, probs: np.ndarray,
+               exit_index: np.ndarray, latency: np.ndarray) -> None:
+        last = self._num_exits - 1
+        # Output rows of the samples still in flight: a plain slice until the first compaction (cheaper
+        # than fancy indexing on the common batch-1 path), an index array afterwards.
+        active: slice | np.ndarray = slice(offset, offset + len(x))
+        h: Any = x
+        for k in range(self._num_exits):
+            features, logits = self.backend.run_stage(k, h)
+            p = softmax(logits)
+            if k == last:
+                probs[active] = p
+                exit_index[active] = k
+                latency[active] = time.perf_counter_ns() - t0
+                return
+            done = self.policy.exits(p)
+            if force_exit is not None:  # the rule ran anyway, so the timing matches a natural exit
+                done[:] = k == force_exit
+            now = time.perf_counter_ns()
+            if done.all():
+                probs[active] = p
+                exit_index[active] = k
+                latency[active] = now - t0
+                return
+            if done.any():
+                rows = np.arange(active.start, active.stop) if isinstance(active, slice) else active
+                probs[rows[done]] = p[done]
+                exit_index[rows[done]] = k
+                latency[rows[done]] = now - t0
+                keep = np.flatnonzero(~done)
+                h = self.backend.take(features, keep)
+                active = rows[keep]
+            else:
+                h = features
+
+    def warmup(self, n: int = 10) -> None:
+        """Run every path (each exit, and the full graph) ``n`` times at batch 1 so that first-call costs
+        (allocations, kernel selection, lazy initialisation) do not land in measured latencies."""
+        dummy = np.zeros((1, *self._input_shape), dtype=np.float32)
+        for _ in range(max(0, int(n))):
+            for k in range(self._num_exits):
+                self.predict(dummy, force_exit=k)
+            self.predict(dummy, full_depth=True)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> EarlyExitRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"EarlyExitRuntime({self.bundle.manifest.model.arch}, {self._num_exits} exits, "
+            f"backend={self.backend.name}, policy={self.policy.kind}@{self.policy.threshold:g})"
+        )

@@ -1,0 +1,123 @@
+"""Serving a real exported bundle: ONNX Runtime behind the server, TimeGuard in front, the CLI command."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mexit.serve import LocalClient, OIPClient, ServerProcess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def mlp_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch", reason="exporting the test bundle needs torch")
+    pytest.importorskip("mexit.runtime.chained", reason="the chained runtime is not available")
+    from mexit.export import export_bundle
+    from tests.export import tiny
+
+    out = tmp_path_factory.mktemp("serve-bundles") / "mlp"
+    return export_bundle(tiny.tiny_mlp(), out, sample_inputs=tiny.mlp_inputs(16, seed=6), threshold=0.5,
+                         policy="entropy", dataset_name="toy-rows", dataset_kind="tabular", exporter="legacy",
+                         save_torch_programs=False, class_names=["a", "b", "c", "d"])
+
+
+def _inputs(n: int) -> np.ndarray:
+    from tests.export import tiny
+
+    return tiny.mlp_inputs(n, seed=9)
+
+
+def test_served_bundle_equals_in_process_runtime(mlp_bundle: Path) -> None:
+    from mexit.runtime import EarlyExitRuntime
+
+    runtime = EarlyExitRuntime(mlp_bundle)
+    x = _inputs(40)
+    exits = runtime.predict(x).exit_index
+    assert len(np.unique(exits)) > 1  # the batch mixes exits, so per-sample early exit is exercised
+    with ServerProcess(mlp_bundle, expose_exit=True) as server, OIPClient(server.url, server.model_name) as client:
+        assert server.model_name == "tiny-mlp-toy-rows"
+        meta = client.metadata()
+        assert meta["dataset"] == "toy-rows" and meta["class_names"] == ["a", "b", "c", "d"]
+        assert meta["inputs"][0]["shape"] == [-1, 12]
+        remote = client.infer(x).outputs
+        single = [client.infer(x[i : i + 1]).outputs["exit_index"][0] for i in range(5)]
+    local = LocalClient(runtime, expose_exit=True).infer(x).outputs
+    for name in ("probabilities", "label", "exit_index"):
+        np.testing.assert_array_equal(remote[name], local[name])
+    np.testing.assert_array_equal(single, exits[:5])  # batch-1 exits equal the in-batch ones
+
+
+def test_timeguard_server_answers_the_same_labels(mlp_bundle: Path, tmp_path: Path) -> None:
+    pytest.importorskip("mexit.defense.guarded", reason="the defense package is not available")
+    from mexit.defense import write_key_file
+    from mexit.runtime import EarlyExitRuntime
+
+    key = write_key_file(tmp_path / "timeguard.key")
+    x = _inputs(8)
+    with ServerProcess(mlp_bundle, timeguard_sigma_ms=2.0, key_file=key) as server, \
+            OIPClient(server.url, server.model_name) as client:
+        labels = client.infer(x).outputs["label"]
+        first = [client.infer(x[i : i + 1]).rtt_ns for i in range(4)]
+    np.testing.assert_array_equal(labels, EarlyExitRuntime(mlp_bundle).predict(x).labels)
+    assert min(first) > 0
+
+
+def test_timeguard_needs_a_key(mlp_bundle: Path) -> None:
+    pytest.importorskip("mexit.defense.guarded", reason="the defense package is not available")
+    from mexit.errors import UserError
+
+    env = {k: v for k, v in os.environ.items() if k != "MEXIT_TIMEGUARD_KEY"}
+    with pytest.raises(UserError, match="key"):
+        ServerProcess(mlp_bundle, timeguard_sigma_ms=2.0, env=env).start()
+
+
+def test_cli_serve_command_end_to_end(mlp_bundle: Path) -> None:
+    """`mexit serve BUNDLE --port 0` prints its URL, answers, and stops cleanly on SIGINT."""
+    code = "import sys; from mexit.cli.serve import command; command(sys.argv[1:])"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(mlp_bundle), "--port", "0", "--expose", "label"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "the CLI printed nothing within 60 s"
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert "serving 'tiny-mlp-toy-rows' at http://127.0.0.1:" in line and "defense: none" in line
+        url = line.split(" at ")[1].split("/v2/")[0]
+        with OIPClient(url, "tiny-mlp-toy-rows", timeout_s=30) as client:
+            assert client.ready()
+            out = client.infer(_inputs(3)).outputs
+        assert set(out) == {"label"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stderr.read()  # type: ignore[union-attr]
+
+
+def test_cli_serve_busy_port_is_a_user_error(mlp_bundle: Path) -> None:
+    import socket
+
+    from click.testing import CliRunner
+
+    from mexit.cli.serve import command
+    from mexit.errors import UserError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(command, [str(mlp_bundle), "--port", str(port)])
+    assert isinstance(result.exception, UserError)  # the mexit group prints it as one line, exit 2
+    assert f"port {port} on 127.0.0.1 is in use" in str(result.exception)
