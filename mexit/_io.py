@@ -23,9 +23,22 @@ from typing import Any
 _PROVENANCE_PACKAGES = ("mexit", "numpy", "scipy", "scikit-learn", "torch", "onnx", "onnxruntime")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; artifacts should get the usual permissions (0666 minus the umask).
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, on error delete it."""
+def atomic_path(path: str | os.PathLike[str], *, private: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on error delete it.
+
+    The file gets the usual permissions (0666 minus the umask), or 0600 when ``private`` (secrets).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -35,6 +48,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        if private:
+            os.chmod(tmp_path, 0o600)
+        else:
+            os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, target)
     finally:
         with contextlib.suppress(FileNotFoundError):

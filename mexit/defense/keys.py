@@ -82,7 +82,7 @@ def write_key_file(path: str | os.PathLike[str], *, force: bool = False, n: int 
     if target.is_dir():
         raise ConfigError(f"key file {target} is a directory; give a file path")
     key = generate_key(n)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, private=True) as tmp:
         # mkstemp already creates 0600; chmod again before any byte is written, in case of a lax umask.
         os.chmod(tmp, stat.S_IRUSR | stat.S_IWUSR)
         tmp.write_text(key.hex() + "\n", encoding="ascii")

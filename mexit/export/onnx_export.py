@@ -30,6 +30,9 @@ from torch import nn
 from mexit.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# The dynamo exporter warns once per missing torchvision op ("torchvision is not installed. Skipping
+# torchvision::nms"): irrelevant for our models and alarming to users, so keep that logger quiet.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 EXPORTERS = ("auto", "dynamo", "legacy")
 LEGACY_OPSET = 17

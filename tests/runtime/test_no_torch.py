@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 
+from tests._no_torch import run_without_torch
 from tests.export import tiny
 
-REPO = Path(__file__).resolve().parents[2]
-
-CHILD = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-
-    class BlockTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"import of {name} blocked by the test")
-            return None
-
-    sys.meta_path.insert(0, BlockTorch())
-    try:
-        import torch  # noqa: F401
-        raise SystemExit("torch import was not blocked")
-    except ImportError:
-        pass
-
+CHILD = """
     import numpy as np
     import mexit.runtime as rt_mod
     from mexit.runtime import EarlyExitRuntime, load_bundle
@@ -50,23 +29,17 @@ CHILD = textwrap.dedent(
         "exit_index": pred.exit_index.tolist(),
         "probs": pred.probs.tolist(),
         "full": full.probs.tolist(),
-        "torch_loaded": any(m == "torch" or m.startswith("torch.") for m in sys.modules),
         "torch_backend": torch_backend,
     }))
-    """
-)
+"""
 
 
 def test_runtime_runs_without_torch(conv_bundle, tmp_path):
     x = tiny.conv_inputs(12, seed=41)
     np.save(tmp_path / "x.npy", x)
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(conv_bundle), str(tmp_path / "x.npy")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
+    proc = run_without_torch(CHILD, str(conv_bundle), str(tmp_path / "x.npy"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["torch_loaded"] is False
     assert "PyTorch" in out["torch_backend"]
 
     from mexit.runtime import EarlyExitRuntime

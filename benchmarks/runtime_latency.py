@@ -1,0 +1,215 @@
+"""Early-exit runtime latency and throughput on a real bundle and its real test set (ONNX Runtime CPU).
+
+Measures, all in one run so that machine drift affects every side alike:
+
+* per-exit latency at batch 1 (median, p10, p90): ``predict(x, force_exit=k)``, exits interleaved in a
+  fresh random order every round;
+* chaining overhead per stage: the chain forced to the last exit vs a *fused* graph doing the same work
+  (all stages and all heads merged into one ONNX graph with ``onnx.compose``), divided by the number
+  of stage boundaries;
+* realised early-exit speed-up at batch 1 on the test split: mean latency of the single full-depth
+  graph over mean latency of ``predict`` (natural per-sample exits), against the speed-up predicted by
+  FLOPs (full-depth FLOPs over the mean runtime FLOPs of the exits actually taken);
+* batch-64 and batch-256 throughput with per-sample exits vs the full-depth graph, against the FLOPs
+  prediction.
+
+Goals: realised/predicted >= 0.9 at batch 1; overhead <= 30 µs per stage; batched gain >= 0.8 x predicted.
+
+    python benchmarks/runtime_latency.py --run runs/location-fcn18-1-x6 [--bundle bundles/…] [--out …]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import compose
+
+from mexit._io import atomic_write_json, provenance
+from mexit.bundle import load_bundle
+from mexit.runtime import EarlyExitRuntime
+from mexit.runtime.backends import session_options
+
+
+def fused_graph(bundle_dir: Path, out: Path) -> Path:
+    """All stages and heads of a bundle merged into one graph with every exit's logits as outputs."""
+    bundle = load_bundle(bundle_dir)
+    exits = bundle.manifest.exits
+    merged = onnx.load(str(bundle.stage_path(0)))
+    logits = [exits[0].logits_output]
+    feature = exits[0].feature_output
+    for k in range(1, len(exits)):
+        e = exits[k]
+        stage = compose.add_prefix(onnx.load(str(bundle.stage_path(k))), f"s{k}_")
+        keep = [f"s{k}_{e.logits_output}"] + ([f"s{k}_{e.feature_output}"] if e.feature_output else [])
+        merged = compose.merge_models(merged, stage, io_map=[(feature, f"s{k}_{e.input_name}")],
+                                      outputs=[*logits, *keep])
+        logits.append(keep[0])
+        feature = keep[1] if len(keep) > 1 else None
+    onnx.save(merged, str(out))
+    return out
+
+
+def _percentiles(ns: list[int]) -> dict[str, float]:
+    a = np.asarray(ns, dtype=np.float64) / 1e3
+    return {"median_us": float(np.median(a)), "p10_us": float(np.percentile(a, 10)),
+            "p90_us": float(np.percentile(a, 90))}
+
+
+def per_exit_latency(rt: EarlyExitRuntime, x1: np.ndarray, fused: ort.InferenceSession, full: ort.InferenceSession,
+                     rounds: int, rng: np.random.Generator) -> dict:
+    """Batch-1 latency of every forced exit, the fused graph and the full graph, interleaved."""
+    k_exits = rt.num_exits
+    names = [*(f"exit{k}" for k in range(k_exits)), "fused_all_heads", "full_depth_graph"]
+    samples: dict[str, list[int]] = {n: [] for n in names}
+    in_name = fused.get_inputs()[0].name
+    for _ in range(rounds):
+        for which in rng.permutation(len(names)):
+            name = names[which]
+            t0 = time.perf_counter_ns()
+            if which < k_exits:
+                rt.predict(x1, force_exit=int(which))
+            elif name == "fused_all_heads":
+                fused.run(None, {in_name: x1})
+            else:
+                full.run(None, {in_name: x1})
+            samples[name].append(time.perf_counter_ns() - t0)
+    out = {n: _percentiles(v) for n, v in samples.items()}
+    boundaries = max(k_exits - 1, 1)
+    overhead = (out[f"exit{k_exits - 1}"]["median_us"] - out["fused_all_heads"]["median_us"]) / k_exits
+    return {"latency": out, "chaining_overhead_us_per_stage": overhead, "stage_boundaries": boundaries}
+
+
+def realised_speedup(rt: EarlyExitRuntime, x: np.ndarray, full: ort.InferenceSession, repeats: int,
+                     rng: np.random.Generator) -> dict:
+    """Mean batch-1 latency over the test set: full-depth graph vs early exit; FLOPs prediction."""
+    in_name = full.get_inputs()[0].name
+    exits = rt.predict(x).exit_index
+    costs = np.asarray(rt.exit_costs, dtype=np.float64)
+    full_flops = float(rt.manifest.exits[-1].cumulative_flops)
+    predicted = full_flops / costs[exits].mean()
+    t_ee, t_full = [], []
+    for _ in range(repeats):
+        ee_ns, full_ns = 0, 0
+        for i in rng.permutation(len(x)):
+            xi = x[i : i + 1]
+            if rng.random() < 0.5:
+                t0 = time.perf_counter_ns()
+                rt.predict(xi)
+                t1 = time.perf_counter_ns()
+                full.run(None, {in_name: xi})
+                t2 = time.perf_counter_ns()
+                ee_ns, full_ns = ee_ns + t1 - t0, full_ns + t2 - t1
+            else:
+                t0 = time.perf_counter_ns()
+                full.run(None, {in_name: xi})
+                t1 = time.perf_counter_ns()
+                rt.predict(xi)
+                t2 = time.perf_counter_ns()
+                ee_ns, full_ns = ee_ns + t2 - t1, full_ns + t1 - t0
+        t_ee.append(ee_ns / len(x))
+        t_full.append(full_ns / len(x))
+    realised = statistics.median(t_full) / statistics.median(t_ee)
+    return {
+        "samples": len(x),
+        "exit_shares": (np.bincount(exits, minlength=rt.num_exits) / len(x)).tolist(),
+        "mean_latency_early_exit_us": statistics.median(t_ee) / 1e3,
+        "mean_latency_full_graph_us": statistics.median(t_full) / 1e3,
+        "predicted_speedup_flops": predicted,
+        "realised_speedup": realised,
+        "realised_over_predicted": realised / predicted,
+        "goal": ">= 0.9",
+    }
+
+
+def batched_throughput(rt: EarlyExitRuntime, x: np.ndarray, full: ort.InferenceSession, batch: int,
+                       repeats: int) -> dict:
+    """Samples/s with per-sample exits vs the full-depth graph, batches of ``batch`` over the test set."""
+    in_name = full.get_inputs()[0].name
+    n = (len(x) // batch) * batch or len(x)
+    xs = x[:n]
+    exits = rt.predict(xs).exit_index
+    costs = np.asarray(rt.exit_costs, dtype=np.float64)
+    predicted = float(rt.manifest.exits[-1].cumulative_flops) / costs[exits].mean()
+    ee, fu = [], []
+    for r in range(repeats):
+        for side in (("ee", "full") if r % 2 else ("full", "ee")):
+            t0 = time.perf_counter()
+            for s in range(0, n, batch):
+                if side == "ee":
+                    rt.predict(xs[s : s + batch])
+                else:
+                    full.run(None, {in_name: xs[s : s + batch]})
+            (ee if side == "ee" else fu).append(n / (time.perf_counter() - t0))
+    gain = statistics.median(ee) / statistics.median(fu)
+    return {"batch": batch, "samples": n, "early_exit_samples_per_s": statistics.median(ee),
+            "full_graph_samples_per_s": statistics.median(fu), "realised_gain": gain,
+            "predicted_gain_flops": predicted, "gain_over_predicted": gain / predicted, "goal": ">= 0.8"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="training run directory (test split and model)")
+    parser.add_argument("--bundle", type=Path, help="bundle exported from the run (default: export to a temp dir)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--rounds", type=int, default=300, help="batch-1 rounds per exit")
+    parser.add_argument("--samples", type=int, default=1000, help="test samples for the realised speed-up")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (all sessions)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from mexit.train.runner import load_run  # torch only for reading the run's data split
+
+    run = load_run(args.run)
+    tmp = Path(tempfile.mkdtemp(prefix="mexit-bench-"))
+    bundle_dir = args.bundle
+    if bundle_dir is None:
+        from mexit.export import export_bundle
+
+        bundle_dir = export_bundle(run.model, tmp / "bundle", sample_inputs=run.dataset.inputs(run.splits.target_val[:64]),
+                                   threshold=run.threshold, dataset_name=run.dataset.name, dataset_kind=run.dataset.kind)
+    x = run.dataset.inputs(run.splits.target_test[: args.samples])
+    rng = np.random.default_rng(args.seed)
+    rt = EarlyExitRuntime(bundle_dir, intra_op_threads=args.threads)
+    opts = session_options(intra_op_threads=args.threads)
+    full = ort.InferenceSession(str(rt.bundle.full_path), opts, providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(str(fused_graph(bundle_dir, tmp / "fused.onnx")), opts,
+                                 providers=["CPUExecutionProvider"])
+    rt.warmup(20)
+    for _ in range(20):
+        full.run(None, {full.get_inputs()[0].name: x[:1]})
+        fused.run(None, {fused.get_inputs()[0].name: x[:1]})
+
+    record = {
+        "benchmark": "runtime_latency",
+        "run": str(args.run),
+        "arch": rt.manifest.model.arch,
+        "dataset": rt.manifest.dataset.name,
+        "num_exits": rt.num_exits,
+        "threshold": rt.threshold,
+        "backend": "onnxruntime-cpu",
+        "threads": args.threads,
+        "flops_fraction_per_exit": [e.cumulative_flops / rt.manifest.exits[-1].cumulative_flops
+                                    for e in rt.manifest.exits],
+        "batch1": per_exit_latency(rt, x[:1], fused, full, args.rounds, rng),
+        "realised_speedup_batch1": realised_speedup(rt, x, full, args.repeats, rng),
+        "throughput": [batched_throughput(rt, x, full, b, args.repeats * 2) for b in (64, 256)],
+        "provenance": provenance(seed=args.seed),
+    }
+    out = args.out or Path(__file__).parent / "results" / f"runtime_latency_{record['dataset']}_{record['arch']}.json"
+    atomic_write_json(out, record)
+    print(json.dumps({k: record[k] for k in ("arch", "dataset", "batch1", "realised_speedup_batch1", "throughput")},
+                     indent=1))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
