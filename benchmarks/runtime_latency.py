@@ -15,7 +15,7 @@ Measures, all in one run so that machine drift affects every side alike:
 
 Goals: realised/predicted >= 0.9 at batch 1; overhead <= 30 µs per stage; batched gain >= 0.8 x predicted.
 
-    python benchmarks/runtime_latency.py --run runs/location-fcn18-1-x6 [--bundle bundles/…] [--out …]
+    python benchmarks/runtime_latency.py --run RUN_DIR --bundle BUNDLE [--threshold T] [--out …]
 """
 
 from __future__ import annotations
@@ -156,8 +156,9 @@ def batched_throughput(rt: EarlyExitRuntime, x: np.ndarray, full: ort.InferenceS
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="training run directory (test split and model)")
-    parser.add_argument("--bundle", type=Path, help="bundle exported from the run (default: export to a temp dir)")
+    parser.add_argument("--run", type=Path, required=True, help="training run directory (its test split is used)")
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle exported from the run (mexit export)")
+    parser.add_argument("--threshold", type=float, help="override the bundle's exit threshold (e.g. to mix exits)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--rounds", type=int, default=300, help="batch-1 rounds per exit")
     parser.add_argument("--samples", type=int, default=1000, help="test samples for the realised speed-up")
@@ -171,14 +172,9 @@ def main() -> None:
     run = load_run(args.run)
     tmp = Path(tempfile.mkdtemp(prefix="mexit-bench-"))
     bundle_dir = args.bundle
-    if bundle_dir is None:
-        from mexit.export import export_bundle
-
-        bundle_dir = export_bundle(run.model, tmp / "bundle", sample_inputs=run.dataset.inputs(run.splits.target_val[:64]),
-                                   threshold=run.threshold, dataset_name=run.dataset.name, dataset_kind=run.dataset.kind)
     x = run.dataset.inputs(run.splits.target_test[: args.samples])
     rng = np.random.default_rng(args.seed)
-    rt = EarlyExitRuntime(bundle_dir, intra_op_threads=args.threads)
+    rt = EarlyExitRuntime(bundle_dir, threshold=args.threshold, intra_op_threads=args.threads)
     opts = session_options(intra_op_threads=args.threads)
     full = ort.InferenceSession(str(rt.bundle.full_path), opts, providers=["CPUExecutionProvider"])
     fused = ort.InferenceSession(str(fused_graph(bundle_dir, tmp / "fused.onnx")), opts,
@@ -204,7 +200,8 @@ def main() -> None:
         "throughput": [batched_throughput(rt, x, full, b, args.repeats * 2) for b in (64, 256)],
         "provenance": provenance(seed=args.seed),
     }
-    out = args.out or Path(__file__).parent / "results" / f"runtime_latency_{record['dataset']}_{record['arch']}.json"
+    name = f"runtime_latency_{record['dataset']}_{record['arch']}_x{record['num_exits']}.json"
+    out = args.out or Path(__file__).parent / "results" / name
     atomic_write_json(out, record)
     print(json.dumps({k: record[k] for k in ("arch", "dataset", "batch1", "realised_speedup_batch1", "throughput")},
                      indent=1))

@@ -43,12 +43,13 @@ def cli(verbose: int) -> None:
 
 def _register_commands() -> None:
     # One module per command keeps each thin and lets stages own their command's options.
+    from mexit.cli import attack as _attack
     from mexit.cli import export as _export
     from mexit.cli import keygen as _keygen
     from mexit.cli import serve as _serve
     from mexit.cli import train as _train
 
-    for module in (_train, _export, _serve, _keygen):
+    for module in (_train, _export, _serve, _attack, _keygen):
         cli.add_command(module.command)
 
 
@@ -70,3 +71,4 @@ def main() -> None:
 train_main = _alias("train")
 export_main = _alias("export")
 serve_main = _alias("serve")
+attack_main = _alias("attack")

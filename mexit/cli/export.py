@@ -23,8 +23,10 @@ import click
               help="torch.onnx exporter: dynamo (falls back to legacy under auto) or the legacy TorchScript one.")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Dataset directory, if it moved since training.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Exit threshold to deploy instead of the one the training run's search chose.")
 def command(run_dir: Path, out_dir: Path, engine: str, fp16: bool, max_batch: int, overwrite: bool, tolerance: float,
-            samples: int, exporter: str, data_root: Path | None) -> None:
+            samples: int, exporter: str, data_root: Path | None, threshold: float | None) -> None:
     """Export the model of RUN_DIR as per-exit ONNX stages with a verified manifest."""
     from mexit.errors import ConfigError
     from mexit.export import export_bundle
@@ -46,7 +48,7 @@ def command(run_dir: Path, out_dir: Path, engine: str, fp16: bool, max_batch: in
         run.model,
         out_dir,
         sample_inputs=sample_inputs,
-        threshold=run.threshold,
+        threshold=run.threshold if threshold is None else threshold,
         policy="max_prob",
         dataset_name=run.dataset.name,
         dataset_kind=run.dataset.kind,

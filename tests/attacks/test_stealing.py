@@ -1,0 +1,199 @@
+"""Exit stealing on synthetic latencies with known exits, the Eq. 1 planner and the noisy channel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from mexit.attacks.stealing import (
+    KDEExitStealer,
+    SupervisedExitStealer,
+    isj_bandwidth,
+    latency_features,
+    paper_kde_steal,
+    plan_queries,
+    reduce_latencies,
+    simulate_noisy_channel,
+    ztest_queries,
+)
+from mexit.errors import InputError
+
+MS = 1e-3  # latencies in seconds below
+
+
+def synthetic(n: int = 3000, exits: int = 6, *, gap: float = 0.3 * MS, base: float = 0.4 * MS, repeats: int = 10,
+              outliers: float = 0.01, seed: int = 0, shares: list[float] | None = None,
+              jitter: tuple[float, float] = (0.02 * MS, 0.05 * MS)) -> tuple[np.ndarray, np.ndarray]:
+    """(n, repeats) latencies: clean time per exit (+ small per-sample spread), skewed jitter growing with
+    depth, and a fraction ``outliers`` of queries slowed 5-20x (stragglers)."""
+    rng = np.random.default_rng(seed)
+    true = rng.choice(exits, size=n, p=shares)
+    scale = np.linspace(*jitter, exits)[true][:, None]
+    clean = base + gap * true + rng.normal(0, 0.01 * MS, n)
+    lat = clean[:, None] + rng.gamma(2.0, scale / 1.4, size=(n, repeats))
+    slow = rng.random((n, repeats)) < outliers
+    lat[slow] *= rng.uniform(5, 20, size=int(slow.sum()))
+    return lat, true
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kde_recovers_six_exits_with_repeats(seed: int) -> None:
+    lat, true = synthetic(seed=seed)
+    stealer = KDEExitStealer()
+    pred = stealer.fit_predict(lat)
+    assert stealer.n_exits_ == 6
+    assert (pred == true).mean() >= 0.99
+    assert np.all(np.diff(stealer.boundaries_) > 0)
+    # the boundaries fall in the gaps between the clean per-exit times
+    clean = 0.4 * MS + 0.3 * MS * np.arange(6)
+    assert np.all((stealer.boundaries_ > clean[:-1]) & (stealer.boundaries_ < clean[1:]))
+    assert stealer.bandwidth_method_ == "isj" and 0 < stealer.bandwidth_ < 0.05 * MS
+
+
+def test_kde_single_queries_with_stragglers_where_the_paper_variant_fails() -> None:
+    lat, true = synthetic(repeats=1, seed=2)
+    straggler = lat[:, 0] > 0.4 * MS + 0.3 * MS * 5 + 0.5 * MS  # slowed beyond the last exit's range
+    stealer = KDEExitStealer()
+    pred = stealer.fit_predict(lat)
+    assert stealer.n_exits_ == 6
+    clean_ok = lat[:, 0] < 4 * (0.4 * MS + 0.3 * MS * true)  # samples that were not slowed 5-20x
+    assert (pred[clean_ok] == true[clean_ok]).mean() >= 0.99
+    assert np.all(pred[straggler] == 5)  # stragglers beyond the range go to the extreme cluster
+    paper = paper_kde_steal(lat / MS, num_exits=6)  # the reference's procedure, in ms as it expects
+    assert (paper == true).mean() < 0.5
+
+
+@pytest.mark.parametrize(("exits", "shares"), [(1, None), (2, None), (4, [0.6, 0.25, 0.1, 0.05]),
+                                                (6, [0.02, 0.03, 0.05, 0.1, 0.3, 0.5])])
+def test_kde_discovers_the_number_of_exits(exits: int, shares: list[float] | None) -> None:
+    lat, true = synthetic(n=2000, exits=exits, shares=shares, seed=4)
+    stealer = KDEExitStealer()
+    pred = stealer.fit_predict(lat)
+    assert stealer.n_exits_ == exits
+    assert (pred == true).mean() >= 0.99
+    assert stealer.cluster_sizes_.sum() > 0.99 * len(true)
+
+
+@pytest.mark.parametrize("shape", ["gamma", "lognormal", "uniform"])
+def test_kde_finds_one_exit_in_single_mode_timings_with_stragglers(shape: str) -> None:
+    """No spurious exits in one skewed cluster, even with 1 % sparse stragglers at 5-20x (a vanilla model)."""
+    rng = np.random.default_rng(7)
+    n = 5000
+    base = {"gamma": 1 + rng.gamma(1.5, 0.1, n), "lognormal": np.exp(rng.normal(0, 0.3, n)),
+            "uniform": rng.uniform(1, 2, n)}[shape]
+    slow = rng.random(n) < 0.01
+    base[slow] *= rng.uniform(5, 20, int(slow.sum()))
+    stealer = KDEExitStealer()
+    assert stealer.fit(base).n_exits_ == 1
+    assert np.all(stealer.predict(base) == 0)
+
+
+def test_kde_log_scale_and_fixed_bandwidth() -> None:
+    lat, true = synthetic(n=1500, seed=5)
+    assert (KDEExitStealer(scale="log").fit_predict(lat) == true).mean() >= 0.99
+    fixed = KDEExitStealer(bandwidth=0.01 * MS)
+    assert (fixed.fit_predict(lat) == true).mean() >= 0.99
+    assert fixed.bandwidth_method_ == "given"
+    # Silverman's rule on six modes spanning 1.5 ms oversmooths: far fewer exits are found
+    assert KDEExitStealer(bandwidth="silverman").fit(lat).n_exits_ < 6
+
+
+def test_kde_with_a_known_number_of_exits_keeps_the_strongest_modes() -> None:
+    """Few samples, 3 queries each, heavy per-query noise: discovery misses an exit (every index above it
+    shifts), a known exit count keeps the four strongest modes."""
+    rng = np.random.default_rng(0)
+    true = np.repeat(np.arange(4), [50, 34, 50, 50])
+    clean = 0.7 + 1.2 * true + rng.uniform(-0.2, 0.2, len(true))  # ms
+    lat = clean[:, None] + rng.exponential(1.0, (len(true), 3))
+    discovered = KDEExitStealer()
+    assert (discovered.fit_predict(lat) == true).mean() < 0.5 and discovered.n_exits_ < 4
+    known = KDEExitStealer(n_exits=4)
+    assert (known.fit_predict(lat) == true).mean() >= 0.9 and known.n_exits_ == 4
+    assert KDEExitStealer(n_exits=2).fit(lat).n_exits_ == 2
+    with pytest.raises(InputError):
+        KDEExitStealer(n_exits=0)
+
+
+def test_kde_caps_the_number_of_exits_and_validates() -> None:
+    lat, _ = synthetic(n=1500, seed=6)
+    assert KDEExitStealer(max_exits=3).fit(lat).n_exits_ == 3
+    with pytest.raises(InputError):
+        KDEExitStealer(trim=(0.5, 0.1))
+    with pytest.raises(InputError):
+        KDEExitStealer(bandwidth="wide")
+    with pytest.raises(InputError):
+        KDEExitStealer().predict(lat)
+    with pytest.raises(InputError):
+        reduce_latencies(np.array([[1.0, np.nan]]))
+
+
+def test_kde_density_matches_scipy() -> None:
+    rng = np.random.default_rng(0)
+    data = np.r_[rng.normal(0, 1, 400), rng.normal(6, 0.5, 200)]
+    stealer = KDEExitStealer(bandwidth=0.3, trim=(0.0, 1.0)).fit(data)
+    kde = stats.gaussian_kde(data, bw_method=0.3 / data.std(ddof=1))
+    probe = stealer.grid_[:: max(1, len(stealer.grid_) // 50)]
+    assert np.allclose(stealer.density_[:: max(1, len(stealer.grid_) // 50)], kde(probe), atol=2e-3)
+    assert stealer.n_exits_ == 2
+
+
+def test_isj_bandwidth_on_gaussian_data_is_close_to_the_normal_reference() -> None:
+    x = np.random.default_rng(1).normal(size=5000)
+    silverman = 1.06 * x.std() * len(x) ** -0.2
+    assert 0.7 < isj_bandwidth(x) / silverman < 1.3
+    # on well-separated modes ISJ follows the modes' width, not the whole spread
+    modes = np.r_[x[:2500] * 0.01, x[2500:] * 0.01 + 1.0]
+    assert isj_bandwidth(modes) < 0.05 * 1.06 * modes.std() * len(modes) ** -0.2
+    with pytest.raises(ValueError):
+        isj_bandwidth(np.ones(10))
+
+
+@pytest.mark.parametrize("model", ["gbt", "logistic"])
+def test_supervised_stealer(model: str) -> None:
+    shadow, shadow_exits = synthetic(n=1500, seed=10, jitter=(0.05 * MS, 0.1 * MS))
+    target, target_exits = synthetic(n=1500, seed=11, jitter=(0.05 * MS, 0.1 * MS))
+    stealer = SupervisedExitStealer(model).fit(shadow, shadow_exits)
+    assert (stealer.predict(target) == target_exits).mean() >= 0.98
+    assert stealer.predict_proba(target).shape == (1500, 6)
+
+
+def test_supervised_single_class_and_features() -> None:
+    lat = np.full((5, 3), 1e-3)
+    stealer = SupervisedExitStealer().fit(lat, np.zeros(5, dtype=int))
+    assert stealer.predict(lat).tolist() == [0] * 5
+    f = latency_features(np.array([[1.0, 2.0, 3.0]]))
+    assert f.shape == (1, 6) and f[0, 0] == 1.0 and f[0, 3] == 2.0 and f[0, 5] == pytest.approx(np.log(2.0))
+    with pytest.raises(InputError):
+        SupervisedExitStealer("svm")
+
+
+def test_ztest_queries_matches_eq1() -> None:
+    # N >= 2 (z sigma / gap)^2 with z = 1.959964 at 95 %
+    assert ztest_queries(3.0, 10.0) == 86  # 2 * (1.959964 * 10 / 3)^2 = 85.37
+    assert ztest_queries(1.0, 1.0) == 8  # 7.68
+    assert ztest_queries(1.0, 1.0, confidence=0.99) == 14  # 2 * 2.575829^2 = 13.27
+    assert ztest_queries(5e-3, 0.0) == 1
+    assert ztest_queries(11.0, 1.0) == 1
+    n = ztest_queries(0.3, 0.5)
+    z = 0.3 / (0.5 * np.sqrt(2 / n))  # Eq. 1 at the planned N clears 1.96, at N - 1 it does not
+    assert z >= 1.959964 and 0.3 / (0.5 * np.sqrt(2 / (n - 1))) < 1.959964
+    assert plan_queries([10.0, 1.0, 5.5, 4.0], noise_sigma=1.5) == ztest_queries(1.5, 1.5)
+    with pytest.raises(InputError):
+        ztest_queries(0.0, 1.0)
+    with pytest.raises(InputError):
+        plan_queries([1.0], 1.0)
+
+
+def test_noisy_channel_averaging_reduces_variance() -> None:
+    clean = np.full(20000, 1e-3)
+    one = simulate_noisy_channel(clean, mu=2e-3, sigma=1e-3, queries=1, rng=0)
+    many = simulate_noisy_channel(clean, mu=2e-3, sigma=1e-3, queries=16, rng=1)
+    assert one.shape == clean.shape and np.all(one > clean)
+    ratio = np.var(one - clean) / np.var(many - clean)
+    assert 13 < ratio < 19  # 1/Q
+    # the mean added delay is E|N(mu, sigma^2)| whatever Q
+    assert np.mean(many - clean) == pytest.approx(np.mean(one - clean), rel=0.02)
+    assert np.array_equal(simulate_noisy_channel(clean[:5], 0, 1, 3, rng=7),
+                          simulate_noisy_channel(clean[:5], 0, 1, 3, rng=7))
+    assert simulate_noisy_channel(np.ones((4, 2)), 0, 1, 2, rng=0).shape == (4, 2)
