@@ -23,9 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from mexit._io import atomic_write_json, provenance
+from mexit._io import atomic_path, atomic_write_json, provenance
 from mexit.attacks.collect import collect_signals
 from mexit.attacks.metrics import exit_stealing_metrics, js_divergence_per_exit, member_share_per_exit
+from mexit.attacks.mia import ATTACKS
+from mexit.attacks.mia.label_only import choose_flip_probability, collect_label_only_scores
 from mexit.attacks.signals import Signals
 from mexit.attacks.stealing import KDEExitStealer, SupervisedExitStealer
 from mexit.attacks.suite import evaluate_adversaries
@@ -66,6 +68,12 @@ class AttackSettings:
     seed: int = 0
     bootstrap: int = 1000
     stealer: str = "supervised"
+    label_only_kind: str = "tabular"
+    label_only_queries: int = 100  # noisy copies per sample (tabular) or HopSkipJump iterations' budget (images)
+
+    @property
+    def needs_label_only(self) -> bool:
+        return any("label_only_score" in ATTACKS[n].requires for n in self.attacks)
 
 
 def collect(client: Any, queries: QuerySet, settings: AttackSettings, *, true_exit_runtime: Any, out: Path,
@@ -81,6 +89,35 @@ def collect(client: Any, queries: QuerySet, settings: AttackSettings, *, true_ex
     signals.save(path)
     (out / f".{name}.ckpt.npz").unlink(missing_ok=True)
     return signals
+
+
+def _add_label_only(shadow_client: Any, target_client: Any, sq: QuerySet, tq: QuerySet, shadow: Signals,
+                    target: Signals, settings: AttackSettings, out: Path) -> tuple[Signals, Signals, dict[str, Any]]:
+    """Label-only robustness scores for both deployments; the flip probability is chosen on the shadow."""
+    from dataclasses import replace
+
+    path = out / "label_only_scores.npz"
+    if path.exists():
+        with np.load(path) as f:
+            s_scores, t_scores, info = f["shadow"], f["target"], {"flip_probability": float(f["p"])}
+    else:
+        opts: dict[str, Any] = {}
+        info = {}
+        if settings.label_only_kind == "tabular":
+            choice = choose_flip_probability(shadow_client, sq.x, sq.y, sq.member, n_noisy=settings.label_only_queries,
+                                             seed=settings.seed)
+            opts = {"flip_probability": choice.flip_probability, "n_noisy": settings.label_only_queries}
+            info = {"flip_probability": choice.flip_probability}
+        else:
+            opts = {"num_classes": shadow.num_classes}
+        s_scores = collect_label_only_scores(shadow_client, sq.x, sq.y, settings.label_only_kind, seed=settings.seed,
+                                             **opts)
+        t_scores = collect_label_only_scores(target_client, tq.x, tq.y, settings.label_only_kind,
+                                             seed=settings.seed + 1, **opts)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, shadow=s_scores, target=t_scores, p=info.get("flip_probability", float("nan")))
+    return (replace(shadow, label_only_score=s_scores.astype(np.float32)),
+            replace(target, label_only_score=t_scores.astype(np.float32)), info)
 
 
 def steal_exits(target: Signals, shadow: Signals, *, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -135,6 +172,10 @@ def run_experiment(target_client: Any, shadow_client: Any, target_queries: Query
     target = collect(target_client, target_queries, settings, true_exit_runtime=target_runtime, out=out,
                      name="target", progress=progress)
     shadow.check_compatible(target)
+    label_only: dict[str, Any] = {}
+    if settings.needs_label_only:
+        shadow, target, label_only = _add_label_only(shadow_client, target_client, shadow_queries, target_queries,
+                                                     shadow, target, settings, out)
     stolen, stealing = steal_exits(target, shadow, seed=settings.seed)
     stealer = settings.stealer if settings.stealer in stolen else "kde"
     adversaries, _ = evaluate_adversaries(settings.attacks, [a for a in settings.adversaries if a in (1, 2)],
@@ -147,6 +188,7 @@ def run_experiment(target_client: Any, shadow_client: Any, target_queries: Query
         "samples": {"target": len(target), "shadow": len(shadow)},
         "exposed": {"probabilities": target.probs is not None, "exit_index": target.exit_index is not None},
         "exit_stealing": stealing,
+        "label_only": label_only,
         "leakage": leakage_summary(target),
         "adversaries": adversaries,
         "provenance": provenance(seed=settings.seed),

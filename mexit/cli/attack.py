@@ -45,6 +45,8 @@ def _client(where: str, model_name: str | None, expose: str, expose_exit: bool, 
 @click.option("--samples", type=int, default=200, show_default=True, help="Members (and as many non-members).")
 @click.option("--repeats", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="Queries per sample (latency repeats).")
+@click.option("--label-only-queries", type=click.IntRange(1, 100_000), default=100, show_default=True,
+              help="Label-only attacks: noisy copies queried per tabular sample.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="Runtime threads for bundle targets.")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Dataset directory, if moved.")
@@ -52,7 +54,7 @@ def _client(where: str, model_name: str | None, expose: str, expose_exit: bool, 
               help="Directory for signals and results.")
 def command(target: str, target_run: Path, shadow: str, shadow_run: Path, target_model: str | None,
             shadow_model: str | None, target_bundle: Path | None, expose: str, expose_exit: bool, attacks: str,
-            adversaries: tuple[int, ...], samples: int, repeats: int, seed: int, threads: int,
+            adversaries: tuple[int, ...], samples: int, repeats: int, label_only_queries: int, seed: int, threads: int,
             data_root: Path | None, out_dir: Path) -> None:
     """Query TARGET and SHADOW, steal exits from latency, run original and hybrid membership attacks."""
     from mexit.attacks.experiment import AttackSettings, QuerySet, run_experiment
@@ -75,7 +77,9 @@ def command(target: str, target_run: Path, shadow: str, shadow_run: Path, target
                              t_run.splits.target_test, samples, seed)
     sq = QuerySet.from_split(s_run.dataset.inputs, s_run.dataset.y, s_run.splits.shadow_train,
                              s_run.splits.shadow_test, samples, seed + 1)
-    settings = AttackSettings(attacks=names, adversaries=list(adversaries), repeats=repeats, seed=seed)
+    settings = AttackSettings(attacks=names, adversaries=list(adversaries), repeats=repeats, seed=seed,
+                              label_only_kind="image" if t_run.dataset.kind == "image" else "tabular",
+                              label_only_queries=label_only_queries)
     describe = {"target": target, "shadow": shadow, "target_run": str(target_run), "shadow_run": str(shadow_run),
                 "arch": t_run.config.arch, "exits": t_run.config.exits, "dataset": t_run.config.dataset,
                 "train_accuracy": t_run.metrics["final_exit"]["train_accuracy"],

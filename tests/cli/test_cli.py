@@ -44,3 +44,17 @@ def test_console_entry_runs_as_module():
     proc = subprocess.run([sys.executable, "-c", "from mexit.cli import main; main()", "--version"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and "mexit" in proc.stdout
+
+
+def test_attack_rejects_unknown_attack_names(tmp_path):
+    result = CliRunner().invoke(cli, ["attack", "--target", "b", "--target-run", str(tmp_path), "--shadow", "b",
+                                      "--shadow-run", str(tmp_path), "--attacks", "nope", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "unknown attack" in result.output and "Traceback" not in result.output
+
+
+def test_attack_on_an_unfinished_run_is_a_user_error(tmp_path):
+    result = CliRunner().invoke(cli, ["attack", "--target", "b", "--target-run", str(tmp_path), "--shadow", "b",
+                                      "--shadow-run", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "not a complete training run" in result.output
