@@ -8,8 +8,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 PY := $(VENV)/bin/python
-RUN_DIR ?= runs/digits
-BUNDLE_DIR ?= bundles/digits
+AUDIT_DIR ?= runs/audit
 
 .PHONY: setup test lint audit bench clean
 
@@ -28,10 +27,9 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check mexit tests benchmarks
 
-# The main job on the embedded default dataset (scikit-learn's digits, no download).
+# The main job: the end-to-end audit on the embedded default dataset (scikit-learn's digits, no download).
 audit: setup
-	$(VENV)/bin/mexit train --dataset digits --arch fcn18-1 --exits 4 --epochs 30 --out $(RUN_DIR)
-	$(VENV)/bin/mexit export $(RUN_DIR) --out $(BUNDLE_DIR) --overwrite
+	$(VENV)/bin/mexit audit --out $(AUDIT_DIR)
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py

@@ -1,5 +1,7 @@
 """Membership attacks per adversary, scored once on the target: what each adversary sees, and how well it does.
 
+Shared by ``mexit attack`` (:mod:`mexit.attacks.experiment`) and the audit pipeline.
+
 The three adversaries of the paper differ only in where the exit they feed a hybrid attack comes from
 and which shadow they trained:
 

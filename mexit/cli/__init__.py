@@ -44,12 +44,15 @@ def cli(verbose: int) -> None:
 def _register_commands() -> None:
     # One module per command keeps each thin and lets stages own their command's options.
     from mexit.cli import attack as _attack
+    from mexit.cli import audit as _audit
     from mexit.cli import export as _export
     from mexit.cli import keygen as _keygen
+    from mexit.cli import report as _report
     from mexit.cli import serve as _serve
+    from mexit.cli import sweep as _sweep
     from mexit.cli import train as _train
 
-    for module in (_train, _export, _serve, _attack, _keygen):
+    for module in (_train, _export, _serve, _attack, _audit, _report, _sweep, _keygen):
         cli.add_command(module.command)
 
 

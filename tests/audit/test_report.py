@@ -1,0 +1,77 @@
+"""The report: every figure present and embedded, the verdict first, rebuilt from artifacts alone."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from html.parser import HTMLParser
+
+import pytest
+
+from mexit.audit.pipeline import REPORT_FILE
+from mexit.audit.report import FIGURES, build_report, summary_table, verdict
+from mexit.errors import UserError
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: dict[str, str] = {}
+        self.links: list[str] = []
+        self.order: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images[a.get("id", "")] = a.get("src", "")
+            self.order.append("img")
+        if tag == "div" and a.get("class") == "verdict":
+            self.order.append("verdict")
+        for name in ("href", "src"):
+            if name in a and tag not in ("img",):
+                self.links.append(a[name])
+
+
+def _parse(path):
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def test_every_figure_is_embedded_as_png(tiny_run):
+    out, _ = tiny_run
+    page = _parse(out / REPORT_FILE)
+    assert set(page.images) == {f"fig-{name}" for name in FIGURES}
+    for src in page.images.values():
+        assert src.startswith("data:image/png;base64,")
+        png = base64.b64decode(src.split(",", 1)[1], validate=True)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    assert page.links == []  # self-contained: no external scripts, styles or images
+    assert page.order[0] == "verdict"  # the verdict comes before any figure
+
+
+def test_verdict_and_summary_table_state_the_headline_numbers(tiny_run):
+    _, results = tiny_run
+    lines = verdict(results)
+    assert "exits stolen with" in lines[0]
+    assert any(line.startswith("TimeGuard σ=") for line in lines)
+    table = summary_table(results)
+    assert "loss-hybrid" in table and "padding" in table and "(* recommended)" in table
+
+
+def test_report_is_rebuilt_from_results_and_artifacts(tiny_run, tmp_path, monkeypatch):
+    out, _ = tiny_run
+    run_dir = tmp_path / "copy"
+    shutil.copytree(out, run_dir)
+    (run_dir / REPORT_FILE).unlink()
+    for stage in run_dir.glob("train-*"):  # the models are not needed to rebuild a report
+        shutil.rmtree(stage)
+    monkeypatch.setattr("mexit.audit.pipeline.run_audit", lambda *a, **k: pytest.fail("re-ran the audit"))
+    path = build_report(run_dir)
+    assert path == run_dir / REPORT_FILE
+    assert set(_parse(path).images) == {f"fig-{name}" for name in FIGURES}
+
+
+def test_report_of_a_directory_without_results_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"holds no results\.json"):
+        build_report(tmp_path)
