@@ -77,7 +77,7 @@ class AttackSettings:
 
 
 def collect(client: Any, queries: QuerySet, settings: AttackSettings, *, true_exit_runtime: Any, out: Path,
-            name: str, progress: bool = True) -> Signals:
+            name: str, num_exits: int | None = None, progress: bool = True) -> Signals:
     """Collect (or resume, or reuse) the signals of one deployment into ``out/signals_<name>.npz``."""
     path = out / f"signals_{name}.npz"
     if path.exists():
@@ -85,7 +85,7 @@ def collect(client: Any, queries: QuerySet, settings: AttackSettings, *, true_ex
     signals = collect_signals(client, queries.x, queries.y, queries.member, repeats=settings.repeats,
                               warmup=settings.warmup, seed=settings.seed, sample_index=queries.index,
                               true_exit_runtime=true_exit_runtime, checkpoint_path=out / f".{name}.ckpt.npz",
-                              meta={"role": name}, progress=progress)
+                              meta={"role": name}, num_exits=num_exits, progress=progress)
     signals.save(path)
     (out / f".{name}.ckpt.npz").unlink(missing_ok=True)
     return signals
@@ -170,7 +170,7 @@ def run_experiment(target_client: Any, shadow_client: Any, target_queries: Query
     shadow = collect(shadow_client, shadow_queries, settings, true_exit_runtime=shadow_runtime, out=out,
                      name="shadow", progress=progress)
     target = collect(target_client, target_queries, settings, true_exit_runtime=target_runtime, out=out,
-                     name="target", progress=progress)
+                     name="target", num_exits=shadow.num_exits, progress=progress)
     shadow.check_compatible(target)
     label_only: dict[str, Any] = {}
     if settings.needs_label_only:

@@ -35,6 +35,8 @@ def _client(where: str, model_name: str | None, expose: str, expose_exit: bool, 
 @click.option("--shadow-model", default=None, help="Model name at the shadow URL.")
 @click.option("--target-bundle", type=click.Path(path_type=Path), default=None,
               help="For a URL target: its bundle, to score exit stealing against the true exits.")
+@click.option("--shadow-bundle", type=click.Path(path_type=Path), default=None,
+              help="For a URL shadow: its bundle (the attacker owns the shadow, so it knows the shadow's exits).")
 @click.option("--expose", type=click.Choice(["probabilities", "label"]), default="probabilities", show_default=True,
               help="For bundle targets: what the in-process deployment reveals.")
 @click.option("--expose-exit", is_flag=True, help="For bundle targets: also reveal exits (Adversary 1).")
@@ -53,7 +55,8 @@ def _client(where: str, model_name: str | None, expose: str, expose_exit: bool, 
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Directory for signals and results.")
 def command(target: str, target_run: Path, shadow: str, shadow_run: Path, target_model: str | None,
-            shadow_model: str | None, target_bundle: Path | None, expose: str, expose_exit: bool, attacks: str,
+            shadow_model: str | None, target_bundle: Path | None, shadow_bundle: Path | None, expose: str,
+            expose_exit: bool, attacks: str,
             adversaries: tuple[int, ...], samples: int, repeats: int, label_only_queries: int, seed: int, threads: int,
             data_root: Path | None, out_dir: Path) -> None:
     """Query TARGET and SHADOW, steal exits from latency, run original and hybrid membership attacks."""
@@ -73,6 +76,10 @@ def command(target: str, target_run: Path, shadow: str, shadow_run: Path, target
     if t_rt is None and target_bundle is not None:
         t_rt = EarlyExitRuntime(target_bundle, intra_op_threads=threads)
     s_client, s_rt = _client(shadow, shadow_model, expose, expose_exit, threads)
+    if s_rt is None:
+        if shadow_bundle is None:
+            raise click.UsageError("a URL shadow needs --shadow-bundle: the attacker must know its own shadow's exits")
+        s_rt = EarlyExitRuntime(shadow_bundle, intra_op_threads=threads)
     tq = QuerySet.from_split(t_run.dataset.inputs, t_run.dataset.y, t_run.splits.target_train,
                              t_run.splits.target_test, samples, seed)
     sq = QuerySet.from_split(s_run.dataset.inputs, s_run.dataset.y, s_run.splits.shadow_train,
