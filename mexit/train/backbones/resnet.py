@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mexit.train.heads import image_exit_head, pooled_final_head
+from mexit.train.backbones._common import image_backbone_spec
+from mexit.train.heads import pooled_final_head
 from mexit.train.multiexit import BackboneSpec
 
 WIDTHS = (16, 32, 64)
@@ -71,15 +72,7 @@ def build(input_shape: tuple[int, ...], num_classes: int) -> BackboneSpec:
             channels = width
     final = pooled_final_head(channels, EMBEDDING, num_classes)
 
-    def make_head(shape: tuple[int, ...]) -> nn.Module:
-        return image_exit_head(shape, num_classes, EMBEDDING)
-
-    for module in blocks:
+    for module in blocks:  # the reference leaves the heads' Linear layers at PyTorch's default init
         module.apply(init_weights)
-    return BackboneSpec(
-        arch="resnet56",
-        blocks=blocks,
-        make_head=make_head,
-        final_head=final,
-        exit_candidates=list(range(1, len(blocks) - 1)),
-    )
+    return image_backbone_spec("resnet56", blocks, final, num_classes=num_classes, embedding=EMBEDDING,
+                               exit_candidates=list(range(1, len(blocks) - 1)))

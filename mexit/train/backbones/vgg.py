@@ -15,7 +15,8 @@ from collections import OrderedDict
 
 from torch import nn
 
-from mexit.train.heads import ExitHead, image_exit_head
+from mexit.train.backbones._common import image_backbone_spec
+from mexit.train.heads import ExitHead
 from mexit.train.multiexit import BackboneSpec
 
 CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
@@ -65,17 +66,5 @@ def build(input_shape: tuple[int, ...], num_classes: int) -> BackboneSpec:
     final = ExitHead(nn.Linear(fc0, fc1), nn.Linear(fc1, num_classes))
     embedding = 512 if num_classes < 200 else 1024
 
-    def make_head(shape: tuple[int, ...]) -> nn.Module:
-        head = image_exit_head(shape, num_classes, embedding)
-        head.apply(init_weights)
-        return head
-
-    for module in [*blocks, final]:
-        module.apply(init_weights)
-    return BackboneSpec(
-        arch="vgg16",
-        blocks=blocks,
-        make_head=make_head,
-        final_head=final,
-        exit_candidates=list(range(len(CHANNELS))),
-    )
+    return image_backbone_spec("vgg16", blocks, final, num_classes=num_classes, embedding=embedding,
+                               exit_candidates=list(range(len(CHANNELS))), init=init_weights)

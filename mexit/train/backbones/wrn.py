@@ -16,7 +16,8 @@ import math
 import torch
 from torch import nn
 
-from mexit.train.heads import image_exit_head, pooled_final_head
+from mexit.train.backbones._common import image_backbone_spec
+from mexit.train.heads import pooled_final_head
 from mexit.train.multiexit import BackboneSpec
 
 WIDEN = 4
@@ -71,17 +72,5 @@ def build(input_shape: tuple[int, ...], num_classes: int) -> BackboneSpec:
             channels = width
     final = pooled_final_head(channels, EMBEDDING, num_classes, pre=nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU()))
 
-    def make_head(shape: tuple[int, ...]) -> nn.Module:
-        head = image_exit_head(shape, num_classes, EMBEDDING)
-        head.apply(init_weights)
-        return head
-
-    for module in [*blocks, final]:
-        module.apply(init_weights)
-    return BackboneSpec(
-        arch="wrn32-4",
-        blocks=blocks,
-        make_head=make_head,
-        final_head=final,
-        exit_candidates=list(range(1, len(blocks) - 1)),
-    )
+    return image_backbone_spec("wrn32-4", blocks, final, num_classes=num_classes, embedding=EMBEDDING,
+                               exit_candidates=list(range(1, len(blocks) - 1)), init=init_weights)
