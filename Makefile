@@ -32,7 +32,7 @@ audit: setup
 	$(VENV)/bin/mexit audit --out $(AUDIT_DIR)
 
 bench: setup
-	$(PY) benchmarks/train_throughput.py
+	PATH=$(VENV)/bin:$$PATH bash benchmarks/run_all.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs bundles
