@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # CIFAR-10 side of the reproduction (shared two-batch CIFAR-10): ResNet-56 vanilla vs 6 exits, target and
-# shadow, short CPU training; then in-process attacks. Usage: bash benchmarks/reproduce_cifar10.sh [EPOCHS] [LIMIT] [TAU]
+# shadow, short CPU training; then in-process attacks. Usage: bash benchmarks/reproduce_cifar10.sh [EPOCHS] [LIMIT] [TAU] (defaults 12 2000 0.5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EPOCHS=${1:-12}
 LIMIT=${2:-2000}
-TAU=${3:-0.9}
+TAU=${3:-0.5}
 DATA=../shared/data/cifar-10-batches-py
 train() {  # exits role
   mexit train --dataset cifar10 --data-root $DATA --arch resnet56 --exits $1 --epochs $EPOCHS --limit $LIMIT \
