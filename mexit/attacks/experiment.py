@@ -29,8 +29,7 @@ from mexit.attacks.metrics import exit_stealing_metrics, js_divergence_per_exit,
 from mexit.attacks.mia import ATTACKS
 from mexit.attacks.mia.label_only import choose_flip_probability, collect_label_only_scores
 from mexit.attacks.signals import Signals
-from mexit.attacks.stealing import KDEExitStealer, SupervisedExitStealer
-from mexit.attacks.suite import evaluate_adversaries
+from mexit.attacks.suite import evaluate_adversaries, steal
 from mexit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -121,15 +120,10 @@ def _add_label_only(shadow_client: Any, target_client: Any, sq: QuerySet, tq: Qu
 
 
 def steal_exits(target: Signals, shadow: Signals, *, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Exits stolen from the target's latencies: KDE (unsupervised) and a stealer trained on the shadow."""
-    stolen: dict[str, np.ndarray] = {}
-    report: dict[str, Any] = {}
-    kde = KDEExitStealer()
-    stolen["kde"] = kde.fit_predict(target.latency_ns / 1e6)
-    report["kde"] = {"discovered_exits": int(kde.n_exits_), **_stealing_score(target, stolen["kde"])}
-    if shadow.true_exit is not None and len(np.unique(shadow.true_exit)) > 1:
-        sup = SupervisedExitStealer(seed=seed).fit(shadow.latency_ns / 1e6, shadow.true_exit)
-        stolen["supervised"] = sup.predict(target.latency_ns / 1e6)
+    """Exits stolen from the target's latencies (see :func:`mexit.attacks.suite.steal`), with their accuracy."""
+    stolen, kde = steal(target.latency_ns, shadow.latency_ns, shadow.true_exit, target.num_exits, seed)
+    report: dict[str, Any] = {"kde": {"discovered_exits": int(kde.n_exits_), **_stealing_score(target, stolen["kde"])}}
+    if "supervised" in stolen:
         report["supervised"] = _stealing_score(target, stolen["supervised"])
     return stolen, report
 
@@ -137,8 +131,7 @@ def steal_exits(target: Signals, shadow: Signals, *, seed: int) -> tuple[dict[st
 def _stealing_score(target: Signals, pred: np.ndarray) -> dict[str, Any]:
     if target.true_exit is None:
         return {}
-    clipped = np.clip(pred, 0, target.num_exits - 1)
-    m = exit_stealing_metrics(target.true_exit, clipped, target.num_exits)
+    m = exit_stealing_metrics(target.true_exit, pred, target.num_exits)
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in m.items()}
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from mexit.attacks.metrics import attack_metrics, roc_points
 from mexit.attacks.mia import ATTACKS, get_attack
 from mexit.attacks.signals import Signals
+from mexit.attacks.stealing import KDEExitStealer, SupervisedExitStealer
 from mexit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,18 @@ def original_of(name: str) -> str | None:
 def clip_exits(exits: np.ndarray, num_exits: int) -> np.ndarray:
     """Stolen exits as valid indices (an unsupervised stealer may find more clusters than exits)."""
     return np.clip(np.asarray(exits, dtype=np.int64), 0, num_exits - 1)
+
+
+def steal(target_lat: np.ndarray, shadow_lat: np.ndarray, shadow_exits: np.ndarray, num_exits: int, seed: int
+          ) -> tuple[dict[str, np.ndarray], KDEExitStealer]:
+    """Exits stolen from ``target_lat``: the KDE (unsupervised) and, when the shadow took more than one exit,
+    the stealer trained on the shadow deployment's latencies and true exits."""
+    kde = KDEExitStealer(max_exits=num_exits).fit(target_lat)
+    stolen = {"kde": clip_exits(kde.predict(target_lat), num_exits)}
+    if len(np.unique(shadow_exits)) > 1:
+        sup = SupervisedExitStealer(seed=seed).fit(shadow_lat, shadow_exits)
+        stolen["supervised"] = clip_exits(sup.predict(target_lat), num_exits)
+    return stolen, kde
 
 
 def shadow_view(shadow: Signals) -> Signals:

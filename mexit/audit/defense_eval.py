@@ -25,8 +25,7 @@ import numpy as np
 
 from mexit.attacks.metrics import attack_metrics, exit_stealing_metrics
 from mexit.attacks.signals import Signals
-from mexit.attacks.stealing import KDEExitStealer, SupervisedExitStealer
-from mexit.attacks.suite import clip_exits
+from mexit.attacks.suite import steal
 from mexit.defense import (
     ConstantTimePadding,
     TimeGuard,
@@ -69,16 +68,6 @@ def chance_accuracy(true_exit: np.ndarray) -> float:
     """The accuracy of always guessing the most common exit: what stealing achieves with no information."""
     counts = np.bincount(np.asarray(true_exit, dtype=np.int64))
     return float(counts.max() / counts.sum())
-
-
-def steal(target_lat: np.ndarray, shadow_lat: np.ndarray, shadow_exits: np.ndarray, num_exits: int, seed: int
-          ) -> tuple[dict[str, np.ndarray], KDEExitStealer]:
-    """Exits stolen from ``target_lat`` by the KDE (unsupervised) and the shadow-trained supervised stealer."""
-    kde = KDEExitStealer(max_exits=num_exits).fit(target_lat)
-    sup = SupervisedExitStealer(seed=seed).fit(shadow_lat, shadow_exits)
-    stolen = {"kde": clip_exits(kde.predict(target_lat), num_exits),
-              "supervised": clip_exits(sup.predict(target_lat), num_exits)}
-    return stolen, kde
 
 
 def _hybrid_scores(attacks: dict[str, Any], target: Signals, exits: np.ndarray, source: str) -> dict[str, Any]:

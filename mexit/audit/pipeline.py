@@ -37,14 +37,13 @@ from mexit._io import atomic_write_json, provenance
 from mexit.attacks.collect import collect_signals
 from mexit.attacks.metrics import exit_stealing_metrics, js_divergence_per_exit, member_share_per_exit
 from mexit.attacks.signals import Signals, cross_entropy
-from mexit.attacks.suite import evaluate_adversaries, evaluate_vanilla, run_attack, shadow_view
+from mexit.attacks.suite import evaluate_adversaries, evaluate_vanilla, run_attack, shadow_view, steal
 from mexit.audit.config import AuditConfig, load_config, make_audit_config
 from mexit.audit.defense_eval import (
     chance_accuracy,
     clean_times,
     latencies_s,
     live_confirmation,
-    steal,
     timeguard_frontier,
 )
 from mexit.audit.deploy import NamedClient, check_port_free, deployed
