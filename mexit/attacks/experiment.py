@@ -90,41 +90,70 @@ def collect(client: Any, queries: QuerySet, settings: AttackSettings, *, true_ex
     return signals
 
 
+def _label_only_options(shadow_client: Any, sq: QuerySet, shadow: Signals, settings: AttackSettings
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Query options of the label-only signal; the tabular flip probability is chosen on the shadow."""
+    if settings.label_only_kind != "tabular":
+        return {"num_classes": shadow.num_classes}, {}
+    choice = choose_flip_probability(shadow_client, sq.x, sq.y, sq.member, n_noisy=settings.label_only_queries,
+                                     seed=settings.seed)
+    return ({"flip_probability": choice.flip_probability, "n_noisy": settings.label_only_queries},
+            {"flip_probability": choice.flip_probability})
+
+
 def _add_label_only(shadow_client: Any, target_client: Any, sq: QuerySet, tq: QuerySet, shadow: Signals,
-                    target: Signals, settings: AttackSettings, out: Path) -> tuple[Signals, Signals, dict[str, Any]]:
-    """Label-only robustness scores for both deployments; the flip probability is chosen on the shadow."""
+                    target: Signals, settings: AttackSettings, out: Path,
+                    shadow3: tuple[Any, QuerySet, Signals] | None = None
+                    ) -> tuple[Signals, Signals, Signals | None, dict[str, Any]]:
+    """Label-only robustness scores for every deployment; the flip probability is chosen on the shadow.
+
+    Adversary 3's shadow is queried with the same options (the flip probability is a query-design choice
+    made once, as in the audit pipeline).
+    """
     from dataclasses import replace
 
     path = out / "label_only_scores.npz"
     if path.exists():
         with np.load(path) as f:
-            s_scores, t_scores, info = f["shadow"], f["target"], {"flip_probability": float(f["p"])}
+            s_scores, t_scores, p = f["shadow"], f["target"], float(f["p"])
+        info: dict[str, Any] = {} if np.isnan(p) else {"flip_probability": p}
+        opts: dict[str, Any] = ({"num_classes": shadow.num_classes} if settings.label_only_kind != "tabular" else
+                                {"flip_probability": p, "n_noisy": settings.label_only_queries})
     else:
-        opts: dict[str, Any] = {}
-        info = {}
-        if settings.label_only_kind == "tabular":
-            choice = choose_flip_probability(shadow_client, sq.x, sq.y, sq.member, n_noisy=settings.label_only_queries,
-                                             seed=settings.seed)
-            opts = {"flip_probability": choice.flip_probability, "n_noisy": settings.label_only_queries}
-            info = {"flip_probability": choice.flip_probability}
-        else:
-            opts = {"num_classes": shadow.num_classes}
+        opts, info = _label_only_options(shadow_client, sq, shadow, settings)
         s_scores = collect_label_only_scores(shadow_client, sq.x, sq.y, settings.label_only_kind, seed=settings.seed,
                                              **opts)
         t_scores = collect_label_only_scores(target_client, tq.x, tq.y, settings.label_only_kind,
                                              seed=settings.seed + 1, **opts)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, shadow=s_scores, target=t_scores, p=info.get("flip_probability", float("nan")))
+    s3 = None
+    if shadow3 is not None:
+        client3, q3, signals3 = shadow3
+        path3 = out / "label_only_scores_shadow3.npz"
+        if path3.exists():
+            with np.load(path3) as f:
+                s3_scores = f["shadow3"]
+        else:
+            s3_scores = collect_label_only_scores(client3, q3.x, q3.y, settings.label_only_kind, seed=settings.seed + 2,
+                                                  **opts)
+            with atomic_path(path3) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, shadow3=s3_scores)
+        s3 = replace(signals3, label_only_score=s3_scores.astype(np.float32))
     return (replace(shadow, label_only_score=s_scores.astype(np.float32)),
-            replace(target, label_only_score=t_scores.astype(np.float32)), info)
+            replace(target, label_only_score=t_scores.astype(np.float32)), s3, info)
 
 
 def steal_exits(target: Signals, shadow: Signals, *, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Exits stolen from the target's latencies (see :func:`mexit.attacks.suite.steal`), with their accuracy."""
-    stolen, kde = steal(target.latency_ns, shadow.latency_ns, shadow.true_exit, target.num_exits, seed)
-    report: dict[str, Any] = {"kde": {"discovered_exits": int(kde.n_exits_), **_stealing_score(target, stolen["kde"])}}
-    if "supervised" in stolen:
-        report["supervised"] = _stealing_score(target, stolen["supervised"])
+    stolen, fits = steal(target.latency_ns, shadow.latency_ns, shadow.true_exit, target.num_exits, seed)
+    report: dict[str, Any] = {
+        "kde": {"clusters": int(fits["kde"].n_exits_), "exit_map": fits["kde"].describe()["exit_map"],
+                **_stealing_score(target, stolen["kde"])},
+        "kde_blind": {"discovered_exits": int(fits["kde-blind"].n_exits_),
+                      **_stealing_score(target, stolen["kde-blind"])},
+        "supervised": _stealing_score(target, stolen["supervised"]),
+    }
     return stolen, report
 
 
@@ -157,28 +186,45 @@ def leakage_summary(signals: Signals) -> dict[str, Any]:
 
 def run_experiment(target_client: Any, shadow_client: Any, target_queries: QuerySet, shadow_queries: QuerySet,
                    settings: AttackSettings, out: Path, *, target_runtime: Any = None, shadow_runtime: Any = None,
+                   shadow3_client: Any = None, shadow3_queries: QuerySet | None = None, shadow3_runtime: Any = None,
                    describe: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Collect, steal, attack and write ``out/results.json``; returns the results."""
+    """Collect, steal, attack and write ``out/results.json``; returns the results.
+
+    Adversary 3 (in ``settings.adversaries``) needs ``shadow3_client``/``shadow3_queries``/``shadow3_runtime``:
+    its own shadow deployment of another architecture and/or trained on other data (same classes).
+    """
+    if 3 in settings.adversaries and (shadow3_client is None or shadow3_queries is None or shadow3_runtime is None):
+        raise ConfigError("adversary 3 needs its own shadow deployment (another architecture or data): pass "
+                          "shadow3_client, shadow3_queries and shadow3_runtime")
     out.mkdir(parents=True, exist_ok=True)
     shadow = collect(shadow_client, shadow_queries, settings, true_exit_runtime=shadow_runtime, out=out,
                      name="shadow", progress=progress)
     target = collect(target_client, target_queries, settings, true_exit_runtime=target_runtime, out=out,
                      name="target", num_exits=shadow.num_exits, progress=progress)
     shadow.check_compatible(target)
+    shadow3 = None
+    if 3 in settings.adversaries:
+        assert shadow3_queries is not None
+        shadow3 = collect(shadow3_client, shadow3_queries, settings, true_exit_runtime=shadow3_runtime, out=out,
+                          name="shadow3", progress=progress)
+        # same classes and exit count: the hybrid attacks read exits in the target's index space
+        shadow3.check_compatible(target, what="adversary 3's shadow and the target")
     label_only: dict[str, Any] = {}
     if settings.needs_label_only:
-        shadow, target, label_only = _add_label_only(shadow_client, target_client, shadow_queries, target_queries,
-                                                     shadow, target, settings, out)
+        s3_args = None if shadow3 is None else (shadow3_client, shadow3_queries, shadow3)
+        shadow, target, shadow3, label_only = _add_label_only(shadow_client, target_client, shadow_queries,
+                                                              target_queries, shadow, target, settings, out, s3_args)
     stolen, stealing = steal_exits(target, shadow, seed=settings.seed)
     stealer = settings.stealer if settings.stealer in stolen else "kde"
-    adversaries, _ = evaluate_adversaries(settings.attacks, [a for a in settings.adversaries if a in (1, 2)],
-                                          target=target, shadow=shadow, shadow3=None, stolen=stolen,
-                                          stealer=stealer, seed=settings.seed, bootstrap=settings.bootstrap)
+    adversaries, _ = evaluate_adversaries(settings.attacks, list(settings.adversaries), target=target, shadow=shadow,
+                                          shadow3=shadow3, stolen=stolen, stealer=stealer, seed=settings.seed,
+                                          bootstrap=settings.bootstrap)
     results = {
         "schema": RESULTS_SCHEMA,
         "setup": describe or {},
         "settings": settings.__dict__,
-        "samples": {"target": len(target), "shadow": len(shadow)},
+        "samples": {"target": len(target), "shadow": len(shadow),
+                    **({"shadow3": len(shadow3)} if shadow3 is not None else {})},
         "exposed": {"probabilities": target.probs is not None, "exit_index": target.exit_index is not None},
         "exit_stealing": stealing,
         "label_only": label_only,

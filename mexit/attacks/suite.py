@@ -8,9 +8,10 @@ and which shadow they trained:
 * **1** — the exit is exposed (the deployment returns it, or, when it does not, the audit uses the exits
   an exit-exposing deployment would return, which are the true ones); same-architecture shadow.
 * **2** — the exit is stolen from response times (``attacks.stealer``: the supervised stealer trained on
-  the shadow deployment's timings, or the unsupervised KDE); same-architecture shadow.
-* **3** — a shadow of another architecture and/or trained on other data; exits stolen with the KDE
-  (timings of a different architecture do not transfer, so the supervised stealer has nothing to learn from).
+  the shadow deployment's timings, or the KDE aligned to them, see :func:`steal`); same-architecture shadow.
+* **3** — a shadow of another architecture and/or trained on other data; exits stolen with the blind KDE
+  (timings of a different architecture do not transfer, so neither the supervised stealer nor the
+  alignment has anything to learn from).
 
 Every attack is fitted on shadow signals only (the shadow's own exits are known to its owner) and the
 target is scored once. Original (non-hybrid) attacks ignore exits, so their result depends only on the
@@ -54,15 +55,28 @@ def clip_exits(exits: np.ndarray, num_exits: int) -> np.ndarray:
 
 
 def steal(target_lat: np.ndarray, shadow_lat: np.ndarray, shadow_exits: np.ndarray, num_exits: int, seed: int
-          ) -> tuple[dict[str, np.ndarray], KDEExitStealer]:
-    """Exits stolen from ``target_lat``: the KDE (unsupervised) and, when the shadow took more than one exit,
-    the stealer trained on the shadow deployment's latencies and true exits."""
-    kde = KDEExitStealer(max_exits=num_exits).fit(target_lat)
-    stolen = {"kde": clip_exits(kde.predict(target_lat), num_exits)}
-    if len(np.unique(shadow_exits)) > 1:
-        sup = SupervisedExitStealer(seed=seed).fit(shadow_lat, shadow_exits)
-        stolen["supervised"] = clip_exits(sup.predict(target_lat), num_exits)
-    return stolen, kde
+          ) -> tuple[dict[str, np.ndarray], dict[str, KDEExitStealer]]:
+    """Exits stolen from ``target_lat`` by three stealers, and the two KDE fits (for reports).
+
+    * ``kde-blind`` — the unsupervised KDE alone: the number of exits discovered, clusters numbered by
+      latency rank. All an adversary without timings of its own for this architecture has (adversary 3).
+    * ``kde`` — the KDE as adversary 2 runs it: it owns a same-architecture shadow deployment, so it asks
+      for as many clusters as exits its shadow used and numbers them by matching each cluster to the exit
+      whose shadow latency is closest (:meth:`KDEExitStealer.align`). Clustering the target's own timings
+      keeps it robust to drift between the two deployments; the alignment fixes the numbering when fast
+      exits go unused.
+    * ``supervised`` — a classifier trained on the shadow's latencies and true exits (when the shadow took a
+      single exit, it predicts that exit): strongest when both deployments time alike.
+    """
+    blind = KDEExitStealer(max_exits=num_exits).fit(target_lat)
+    stolen = {"kde-blind": clip_exits(blind.predict(target_lat), num_exits)}
+    used = len(np.unique(shadow_exits))
+    aligned = KDEExitStealer(max_exits=num_exits, n_exits=used).fit(target_lat).align(shadow_lat, shadow_exits,
+                                                                                       num_exits)
+    stolen["kde"] = clip_exits(aligned.predict(target_lat), num_exits)
+    sup = SupervisedExitStealer(seed=seed).fit(shadow_lat, shadow_exits)  # one shadow exit: always predicts it
+    stolen["supervised"] = clip_exits(sup.predict(target_lat), num_exits)
+    return stolen, {"kde": aligned, "kde-blind": blind}
 
 
 def shadow_view(shadow: Signals) -> Signals:
@@ -77,7 +91,9 @@ def target_view(adversary: int, target: Signals, stolen: dict[str, np.ndarray], 
     if adversary == 1:
         exits = target.exit_index if target.exit_index is not None else target.true_exit
         return target.with_exits(exits, "exposed")
-    name = stealer if adversary == 2 else "kde"
+    name = stealer if adversary == 2 else "kde-blind"
+    if name not in stolen:  # results stored before the blind KDE existed
+        name = "kde"
     return target.with_exits(clip_exits(stolen[name], target.num_exits), f"stolen-{name}")
 
 

@@ -359,12 +359,14 @@ def _steal_stage(a: _Audit, target: StageResult, shadow: StageResult) -> StageRe
         s = Signals.load(shadow.path / "signals.npz")
         assert t.true_exit is not None and s.true_exit is not None and t.latency_ns is not None
         k = t.num_exits
-        stolen, kde = steal(t.latency_ns, s.latency_ns, s.true_exit, k, a.cfg.seed)
+        stolen, fits = steal(t.latency_ns, s.latency_ns, s.true_exit, k, a.cfg.seed)
         np.savez(path / "stolen.npz", **stolen, true_exit=t.true_exit)
         return {
             "num_exits": k,
             "chance": chance_accuracy(t.true_exit),
-            "kde": {**exit_stealing_metrics(t.true_exit, stolen["kde"], k), "fit": _kde_json(kde)},
+            "kde": {**exit_stealing_metrics(t.true_exit, stolen["kde"], k), "fit": _kde_json(fits["kde"])},
+            "kde_blind": {**exit_stealing_metrics(t.true_exit, stolen["kde-blind"], k),
+                          "fit": _kde_json(fits["kde-blind"])},
             "supervised": exit_stealing_metrics(t.true_exit, stolen["supervised"], k),
             "query_planning": _query_planning(t),
         }
@@ -376,6 +378,7 @@ def _kde_json(kde: Any) -> dict[str, Any]:
     d = kde.describe()
     d["boundaries_ms"] = [b / 1e6 for b in d.pop("boundaries")]
     d["modes_ms"] = [m / 1e6 for m in d.pop("modes")]
+    d["centers_ms"] = [c / 1e6 for c in d.pop("centers")]
     d["bandwidth_ms"] = d.pop("bandwidth") / 1e6 if d.get("bandwidth") is not None else None
     return d
 
@@ -407,7 +410,7 @@ def _attacks_stage(a: _Audit, collects: dict[str, StageResult], steal_res: Stage
         _set_threads(a)
         sig = {r: Signals.load(s.path / "signals.npz") for r, s in collects.items()}
         with np.load(steal_res.path / "stolen.npz") as z:
-            stolen = {"kde": z["kde"], "supervised": z["supervised"]}
+            stolen = {name: z[name] for name in z.files if name != "true_exit"}
         adversaries, scores = evaluate_adversaries(
             cfg.attacks.names, cfg.attacks.adversaries, target=sig["target"], shadow=sig["shadow"],
             shadow3=sig.get("shadow3"), stolen=stolen, stealer=cfg.attacks.stealer, seed=cfg.seed,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mexit._io import atomic_write_bytes
+from mexit.audit.defense_eval import stealing_accuracy
 from mexit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def verdict(results: dict[str, Any]) -> list[str]:
         lines.append("The deployment returns exit indices: every client reads the exit directly (Adversary 1), "
                      "so no delay on the response time can hide it.")
     st = results["stealing"]
-    best_steal = max(st["kde"]["accuracy"], st["supervised"]["accuracy"])
+    best_steal = max(st["kde"]["accuracy"], st["supervised"]["accuracy"], st.get("kde_blind", {}).get("accuracy", 0.0))
     leaks = best_steal > st["chance"] + 0.05
     lines.append(
         f"{'Leaks' if leaks else 'No clear leak'} through response times: exits stolen with "
@@ -81,18 +82,20 @@ def verdict(results: dict[str, Any]) -> list[str]:
     rel = row.get("relative_mean_increase")
     lines.append(
         f"TimeGuard σ={rec['sigma_ms']:g} ms {'brings' if rec['met'] else 'is the largest σ tried and brings'} "
-        f"exit stealing to {max(row['kde_accuracy'], row['supervised_accuracy']):.2f} (chance {tg['chance']:.2f})"
+        f"exit stealing to {stealing_accuracy(row):.2f} (chance {tg['chance']:.2f})"
         + (f" and the best hybrid attack to {row['best_hybrid_balanced_accuracy']:.2f} balanced accuracy"
            if row.get("best_hybrid_balanced_accuracy") is not None else "")
         + f" at {row['mean_added_ms']:+.3f} ms mean latency ({_pct(rel)}); constant-time padding costs "
           f"{tg['padding']['mean_added_ms']:+.3f} ms ({_pct(tg['padding']['relative_mean_increase'])})."
         + ("" if rec["met"] else " No σ of the grid met the rule: extend timeguard.sigma_grid_ms.")
+        + (" Without any defense, exit stealing already does no better than guessing here: TimeGuard is not "
+           "needed for this deployment (the smallest σ is shown)." if rec.get("needed") is False else "")
     )
     live = results.get("live")
     if live:
         lines.append(
             f"Confirmed live at σ={live['sigma_ms']:g} ms: stealing "
-            f"{max(live['kde_accuracy'], live['supervised_accuracy']):.2f} accuracy, mean latency "
+            f"{stealing_accuracy(live):.2f} accuracy, mean latency "
             f"{live['mean_added_ms']:+.3f} ms ({_pct(live.get('relative_mean_increase'))}) against the undefended "
             f"recording."
         )
@@ -435,8 +438,11 @@ def render_html(results: dict[str, Any], figures: dict[str, str]) -> str:
     parts.append(_img("latency", figures["latency"], "latency density with stolen exit boundaries"))
     qp = st.get("query_planning", {})
     parts.append(_table(["stealer", "accuracy", "exits found/used", "per-exit recall"], [
-        ["KDE (unsupervised)", st["kde"]["accuracy"], st["kde"]["predicted_exits_used"],
+        ["KDE aligned to the shadow's exits (adversary 2)", st["kde"]["accuracy"], st["kde"]["predicted_exits_used"],
          ", ".join(_fmt(x, 2) for x in st["kde"]["per_exit_recall"])],
+        *([["KDE blind: exits discovered, numbered by rank (adversary 3)", st["kde_blind"]["accuracy"],
+            st["kde_blind"]["fit"]["n_exits"], ", ".join(_fmt(x, 2) for x in st["kde_blind"]["per_exit_recall"])]]
+          if "kde_blind" in st else []),
         ["supervised (shadow timings)", st["supervised"]["accuracy"], st["supervised"]["predicted_exits_used"],
          ", ".join(_fmt(x, 2) for x in st["supervised"]["per_exit_recall"])],
         ["chance (most common exit)", st["chance"], "", ""]]))

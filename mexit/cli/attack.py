@@ -37,13 +37,22 @@ def _client(where: str, model_name: str | None, expose: str, expose_exit: bool, 
               help="For a URL target: its bundle, to score exit stealing against the true exits.")
 @click.option("--shadow-bundle", type=click.Path(path_type=Path), default=None,
               help="For a URL shadow: its bundle (the attacker owns the shadow, so it knows the shadow's exits).")
+@click.option("--shadow3", default=None,
+              help="Adversary 3's shadow deployment (another architecture and/or other data, same classes and exit "
+                   "count): a bundle directory or a URL.")
+@click.option("--shadow3-run", type=click.Path(path_type=Path), default=None,
+              help="The training run of adversary 3's shadow (trained with --role shadow).")
+@click.option("--shadow3-model", default=None, help="Model name at the --shadow3 URL.")
+@click.option("--shadow3-bundle", type=click.Path(path_type=Path), default=None,
+              help="For a URL --shadow3: its bundle (the attacker knows its own shadow's exits).")
 @click.option("--expose", type=click.Choice(["probabilities", "label"]), default="probabilities", show_default=True,
               help="For bundle targets: what the in-process deployment reveals.")
 @click.option("--expose-exit", is_flag=True, help="For bundle targets: also reveal exits (Adversary 1).")
 @click.option("--attacks", default=",".join(DEFAULT_ATTACKS), show_default=True,
               help="Comma-separated attack names (see mexit.attacks.mia.attack_names()).")
-@click.option("--adversary", "adversaries", type=click.IntRange(1, 2), multiple=True, default=(1, 2),
-              show_default=True, help="1: exit exposed; 2: exit stolen from response times. Repeatable.")
+@click.option("--adversary", "adversaries", type=click.IntRange(1, 3), multiple=True, default=(1, 2),
+              show_default=True, help="1: exit exposed; 2: exit stolen from response times; 3: exit stolen, shadow "
+              "of another architecture or data (needs --shadow3). Repeatable.")
 @click.option("--samples", type=int, default=200, show_default=True, help="Members (and as many non-members).")
 @click.option("--repeats", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="Queries per sample (latency repeats).")
@@ -55,7 +64,8 @@ def _client(where: str, model_name: str | None, expose: str, expose_exit: bool, 
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Directory for signals and results.")
 def command(target: str, target_run: Path, shadow: str, shadow_run: Path, target_model: str | None,
-            shadow_model: str | None, target_bundle: Path | None, shadow_bundle: Path | None, expose: str,
+            shadow_model: str | None, target_bundle: Path | None, shadow_bundle: Path | None, shadow3: str | None,
+            shadow3_run: Path | None, shadow3_model: str | None, shadow3_bundle: Path | None, expose: str,
             expose_exit: bool, attacks: str,
             adversaries: tuple[int, ...], samples: int, repeats: int, label_only_queries: int, seed: int, threads: int,
             data_root: Path | None, out_dir: Path) -> None:
@@ -69,6 +79,8 @@ def command(target: str, target_run: Path, shadow: str, shadow_run: Path, target
     unknown = sorted(set(names) - set(attack_names()))
     if unknown:
         raise click.UsageError(f"unknown attack(s) {', '.join(unknown)}; known: {', '.join(attack_names())}")
+    if 3 in adversaries and (shadow3 is None or shadow3_run is None):
+        raise click.UsageError("adversary 3 needs its own shadow: pass --shadow3 and --shadow3-run")
     t_run, s_run = load_run(target_run, data_root=data_root), load_run(shadow_run, data_root=data_root)
     if t_run.dataset.num_classes != s_run.dataset.num_classes:
         raise click.UsageError("target and shadow runs are on datasets with different classes")
@@ -80,6 +92,22 @@ def command(target: str, target_run: Path, shadow: str, shadow_run: Path, target
         if shadow_bundle is None:
             raise click.UsageError("a URL shadow needs --shadow-bundle: the attacker must know its own shadow's exits")
         s_rt = EarlyExitRuntime(shadow_bundle, intra_op_threads=threads)
+    s3: dict[str, Any] = {}
+    if 3 in adversaries:
+        assert shadow3 is not None and shadow3_run is not None
+        s3_run = load_run(shadow3_run, data_root=data_root)
+        if s3_run.dataset.num_classes != t_run.dataset.num_classes:
+            raise click.UsageError("adversary 3's shadow run is on a dataset with different classes from the target")
+        s3_client, s3_rt = _client(shadow3, shadow3_model, expose, expose_exit, threads)
+        if s3_rt is None:
+            if shadow3_bundle is None:
+                raise click.UsageError("a URL --shadow3 needs --shadow3-bundle: the attacker must know its shadow's "
+                                       "exits")
+            s3_rt = EarlyExitRuntime(shadow3_bundle, intra_op_threads=threads)
+        s3 = {"shadow3_client": s3_client, "shadow3_runtime": s3_rt,
+              "shadow3_queries": QuerySet.from_split(s3_run.dataset.inputs, s3_run.dataset.y,
+                                                     s3_run.splits.shadow_train, s3_run.splits.shadow_test, samples,
+                                                     seed + 2)}
     tq = QuerySet.from_split(t_run.dataset.inputs, t_run.dataset.y, t_run.splits.target_train,
                              t_run.splits.target_test, samples, seed)
     sq = QuerySet.from_split(s_run.dataset.inputs, s_run.dataset.y, s_run.splits.shadow_train,
@@ -88,11 +116,12 @@ def command(target: str, target_run: Path, shadow: str, shadow_run: Path, target
                               label_only_kind="image" if t_run.dataset.kind == "image" else "tabular",
                               label_only_queries=label_only_queries)
     describe = {"target": target, "shadow": shadow, "target_run": str(target_run), "shadow_run": str(shadow_run),
+                "shadow3": shadow3, "shadow3_run": None if shadow3_run is None else str(shadow3_run),
                 "arch": t_run.config.arch, "exits": t_run.config.exits, "dataset": t_run.config.dataset,
                 "train_accuracy": t_run.metrics["final_exit"]["train_accuracy"],
                 "test_accuracy": t_run.metrics["final_exit"]["test_accuracy"]}
     results = run_experiment(t_client, s_client, tq, sq, settings, out_dir, target_runtime=t_rt,
-                             shadow_runtime=s_rt, describe=describe)
+                             shadow_runtime=s_rt, describe=describe, **s3)
     for kind, rep in results["exit_stealing"].items():
         if "accuracy" in rep:
             click.echo(f"exit stealing ({kind}): accuracy {rep['accuracy']:.3f}")

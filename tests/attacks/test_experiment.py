@@ -44,6 +44,24 @@ def test_results_hold_every_section(tmp_path, deployments):
     assert res["adversaries"]["1"]["exit_source"] == "exposed"
 
 
+def test_adversary_three_uses_its_own_shadow_and_the_blind_kde(tmp_path, deployments):
+    (tc, trt), (sc, srt) = deployments
+    other = ToyRuntime(seed=3)  # stands in for another architecture
+    settings = AttackSettings(attacks=["loss", "loss-hybrid", "label-only"], adversaries=[2, 3], repeats=2, warmup=1,
+                              bootstrap=20, label_only_queries=10)
+    res = run_experiment(tc, sc, _queries(0), _queries(1), settings, tmp_path, target_runtime=trt, shadow_runtime=srt,
+                         shadow3_client=LocalClient(other), shadow3_queries=_queries(2), shadow3_runtime=other,
+                         progress=False)
+    assert set(res["adversaries"]) == {"2", "3"} and res["samples"]["shadow3"] == 80
+    assert res["adversaries"]["3"]["exit_source"] == "stolen-kde-blind"
+    assert "error" not in res["adversaries"]["3"]["attacks"]["label-only"]  # its shadow got label-only scores too
+    assert (tmp_path / "signals_shadow3.npz").exists() and (tmp_path / "label_only_scores_shadow3.npz").exists()
+    assert {"kde", "kde_blind", "supervised"} <= set(res["exit_stealing"])
+    with pytest.raises(ConfigError, match="adversary 3"):
+        run_experiment(tc, sc, _queries(0), _queries(1), settings, tmp_path / "x", target_runtime=trt,
+                       shadow_runtime=srt, progress=False)
+
+
 def test_rerun_reuses_collected_signals(tmp_path, deployments, monkeypatch):
     (tc, trt), (sc, srt) = deployments
     settings = AttackSettings(attacks=["loss"], repeats=2, warmup=1, bootstrap=20)

@@ -222,7 +222,7 @@ def test_adversary_3_uses_its_own_shadow_and_stolen_exits(tiny_run, tmp_path):
     assert results["models"]["shadow3"]["arch"] == "fcn18-2"
     assert not results["timings"]["train-shadow3"]["cached"] and results["timings"]["train-target"]["cached"]
     adv3 = results["adversaries"]["3"]
-    assert adv3["exit_source"] == "stolen-kde"
+    assert adv3["exit_source"] == "stolen-kde-blind"  # no same-architecture timings to align or learn from
     assert set(adv3["attacks"]) == set(TINY["attacks"]["names"])
     # adversary 3's shadow differs, so even the original attacks are fitted on other signals than adversary 2's
     assert adv3["attacks"]["loss"]["threshold"] != results["adversaries"]["2"]["attacks"]["loss"]["threshold"]

@@ -58,3 +58,10 @@ def test_attack_on_an_unfinished_run_is_a_user_error(tmp_path):
                                       "--shadow-run", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "not a complete training run" in result.output
+
+
+def test_attack_adversary_three_needs_its_own_shadow(tmp_path):
+    result = CliRunner().invoke(cli, ["attack", "--target", "b", "--target-run", str(tmp_path), "--shadow", "b",
+                                      "--shadow-run", str(tmp_path), "--adversary", "3", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "--shadow3" in result.output and "Traceback" not in result.output
