@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     parser.add_argument("--no-http", action="store_true", help="skip the loopback HTTP channel")
+    parser.add_argument("--server-inline", action="store_true",
+                        help="serve with --predict-inline (prediction on the event loop, no thread hand-off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -231,13 +233,15 @@ def main() -> None:
         result: dict[str, Any] = {
             "bundle": str(bundle), "samples_from": source, "num_exits": runtime.num_exits,
             "samples_per_exit": counts, "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
+            "server_inline": args.server_inline,
             "channels": {},
         }
         local = LocalClient(runtime)
         target, shadow = collect_pair(local, sets[0], sets[1], runtime, args, "in_process")
         result["channels"]["in_process"] = analyse(target, shadow)
         if not args.no_http:
-            with ServerProcess(bundle, threads=args.threads, model_name="m") as server, \
+            extra = ["--predict-inline"] if args.server_inline else []
+            with ServerProcess(bundle, threads=args.threads, model_name="m", extra_args=extra) as server, \
                     OIPClient(server.url, server.model_name, timeout_s=30) as remote:
                 target, shadow = collect_pair(remote, sets[0], sets[1], runtime, args, "loopback_http")
             result["channels"]["loopback_http"] = analyse(target, shadow)

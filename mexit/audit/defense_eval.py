@@ -177,9 +177,13 @@ def timeguard_frontier(
     if chosen is None:
         log.warning("no sigma of the grid meets the rule; confirming the largest (%.3g ms) — extend "
                     "timeguard.sigma_grid_ms", rows[-1]["sigma_ms"])
+    # A release at "clean time + small delay" also cuts the lower tail of the natural jitter, so a σ far
+    # below the exit gaps can make stealing *easier* than no defense: flag those σ for the report.
+    easier = [r["sigma_ms"] for r in rows if stealing_accuracy(r) > stealing_accuracy(baseline) + 0.02]
     return {
         "chance": chance,
         "stealer": stealer,
+        "easier_than_undefended_sigmas_ms": easier,
         "clean_times_ms": (clean_t * 1e3).tolist(),
         "shadow_clean_times_ms": (clean_s * 1e3).tolist(),
         "best_original_balanced_accuracy": best_original_balanced_accuracy,

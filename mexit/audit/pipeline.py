@@ -37,7 +37,14 @@ from mexit._io import atomic_write_json, provenance
 from mexit.attacks.collect import collect_signals
 from mexit.attacks.metrics import exit_stealing_metrics, js_divergence_per_exit, member_share_per_exit
 from mexit.attacks.signals import Signals, cross_entropy
-from mexit.attacks.suite import evaluate_adversaries, evaluate_vanilla, run_attack, shadow_view, steal
+from mexit.attacks.suite import (
+    STEALING_VERSION,
+    evaluate_adversaries,
+    evaluate_vanilla,
+    run_attack,
+    shadow_view,
+    steal,
+)
 from mexit.audit.config import AuditConfig, load_config, make_audit_config
 from mexit.audit.defense_eval import (
     chance_accuracy,
@@ -371,7 +378,8 @@ def _steal_stage(a: _Audit, target: StageResult, shadow: StageResult) -> StageRe
             "query_planning": _query_planning(t),
         }
 
-    return a.store.run("steal", {"target": target.key, "shadow": shadow.key, "seed": a.cfg.seed}, fn)
+    return a.store.run("steal", {"target": target.key, "shadow": shadow.key, "seed": a.cfg.seed,
+                                 "stealing": STEALING_VERSION}, fn)
 
 
 def _kde_json(kde: Any) -> dict[str, Any]:
@@ -459,7 +467,7 @@ def _timeguard_stage(a: _Audit, target: StageResult, shadow: StageResult) -> tup
     deps = {"target": target.key, "shadow": shadow.key, "timeguard": cfg.timeguard.model_dump(
         mode="json", include={"sigma_grid_ms", "stealing_tolerance", "attack_tolerance"}),
         "attacks": cfg.attacks.names, "stealer": cfg.attacks.stealer, "seed": cfg.seed,
-        "key": _key_id(key), "shadow_key": _key_id(shadow_key)}
+        "key": _key_id(key), "shadow_key": _key_id(shadow_key), "stealing": STEALING_VERSION}
     cache: dict[str, Any] = {}
 
     def load() -> dict[str, Any]:

@@ -90,6 +90,10 @@ def verdict(results: dict[str, Any]) -> list[str]:
         + ("" if rec["met"] else " No σ of the grid met the rule: extend timeguard.sigma_grid_ms.")
         + (" Without any defense, exit stealing already does no better than guessing here: TimeGuard is not "
            "needed for this deployment (the smallest σ is shown)." if rec.get("needed") is False else "")
+        + (f" Careful with small σ: at σ = {', '.join(f'{v:g}' for v in tg['easier_than_undefended_sigmas_ms'])} ms "
+           "exit stealing is *easier* than without TimeGuard (releasing at the calibrated exit time plus a small "
+           "delay removes the natural jitter that hid the exits)." if tg.get("easier_than_undefended_sigmas_ms")
+           else "")
     )
     live = results.get("live")
     if live:
