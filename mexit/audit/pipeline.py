@@ -10,7 +10,7 @@ Stages (each a folder ``RUN_DIR/<stage>-<key>/``, see :mod:`mexit.audit.store`):
     steal                 exits stolen from the target's latencies: KDE and shadow-trained supervised
     attacks               original and hybrid attacks per adversary; the vanilla baseline
     timeguard             TimeGuard over the σ grid and constant-time padding, offline; the recommended σ
-    timeguard-live        the recommended σ served for real, latencies re-recorded, exits stolen again
+    timeguard-live        the recommended σ served for real next to a fresh undefended recording, exits stolen again
 
 then ``results.json`` (schema ``mexit.audit/1``) and ``report.html``. Roles: ``target`` and ``shadow``
 (same architecture, same distribution: adversaries 1 and 2), ``shadow3`` (another architecture or
@@ -499,7 +499,8 @@ def _live_stage(a: _Audit, tg: StageResult, tg_ctx: dict[str, Any], export: Stag
     cfg = a.cfg
     sigma = float(tg.result["recommended"]["sigma_ms"])
     deps = {"timeguard": tg.key, "export": export.key, "target": target.key, "mode": cfg.deployment.mode,
-            "expose": cfg.deployment.expose, "threads": cfg.deployment.threads, "sigma_ms": sigma}
+            "expose": cfg.deployment.expose, "threads": cfg.deployment.threads, "sigma_ms": sigma,
+            "reference": "fresh-undefended"}
 
     def fn(path: Path) -> dict[str, Any]:
         from mexit.runtime import EarlyExitRuntime
@@ -510,21 +511,34 @@ def _live_stage(a: _Audit, tg: StageResult, tg_ctx: dict[str, Any], export: Stag
         ds = a.dataset(cfg.dataset.name)
         x = ds.inputs(base.sample_index)
         owner = EarlyExitRuntime(export.path / "bundle")
-        with deployed(export.path / "bundle", mode=cfg.deployment.mode, expose=cfg.deployment.expose,
-                      expose_exit=False, threads=cfg.deployment.threads, port=cfg.deployment.port, sigma_ms=sigma,
-                      key_file=a.target_key_file()) as served:
-            client = NamedClient(served, "target-timeguard")
-            live = collect_signals(client, x, base.true_label, base.member, repeats=cfg.queries.repeats,
-                                   warmup=cfg.queries.warmup, seed=cfg.seed, sample_index=base.sample_index,
-                                   true_exit_runtime=owner, meta={"role": "target-timeguard", "sigma_ms": sigma},
-                                   checkpoint_path=path / "collect.ckpt.npz", progress=a.progress,
-                                   num_exits=owner.num_exits, num_classes=owner.num_classes)
+
+        def record(role: str, sigma_ms: float | None) -> Signals:
+            """Serve the target (guarded when ``sigma_ms``) and record it; resumable per role."""
+            out_file = path / f"{role}.npz"
+            if out_file.exists():
+                return Signals.load(out_file)
+            with deployed(export.path / "bundle", mode=cfg.deployment.mode, expose=cfg.deployment.expose,
+                          expose_exit=False, threads=cfg.deployment.threads, port=cfg.deployment.port,
+                          sigma_ms=sigma_ms, key_file=a.target_key_file() if sigma_ms else None) as served:
+                sig = collect_signals(NamedClient(served, f"target-{role}"), x, base.true_label, base.member,
+                                      repeats=cfg.queries.repeats, warmup=cfg.queries.warmup, seed=cfg.seed,
+                                      sample_index=base.sample_index, true_exit_runtime=owner,
+                                      meta={"role": f"target-{role}", "sigma_ms": sigma_ms},
+                                      checkpoint_path=path / f"{role}.ckpt.npz", progress=a.progress,
+                                      num_exits=owner.num_exits, num_classes=owner.num_classes)
+            sig.save(out_file)
+            (path / f"{role}.ckpt.npz").unlink(missing_ok=True)
+            return sig
+
+        # The cost is measured against a fresh undefended recording made now, under the same machine load,
+        # not against the audit's first recording (minutes earlier, possibly under other load).
+        reference = record("undefended", None)
+        live = record("timeguard", sigma)
         # TimeGuard changes when answers arrive, not what they are: label-only robustness and white-box
         # features measured on the undefended deployment still hold.
         live = replace(live, label_only_score=base.label_only_score, embedding=base.embedding, gradient=base.gradient)
         live.save(path / "signals.npz")
-        (path / "collect.ckpt.npz").unlink(missing_ok=True)
-        return live_confirmation(live=live, baseline=base, shadow=c["s"], x_shadow=c["x_s"], kind=c["kind"],
+        return live_confirmation(live=live, baseline=reference, shadow=c["s"], x_shadow=c["x_s"], kind=c["kind"],
                                  shadow_key=tg_ctx["shadow_key"], sigma_ms=sigma, stealer=cfg.attacks.stealer,
                                  hybrid_attacks=c["hybrids"], offline_row=tg.result["recommended"]["row"],
                                  seed=cfg.seed)

@@ -100,8 +100,8 @@ def verdict(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"Confirmed live at σ={live['sigma_ms']:g} ms: stealing "
             f"{stealing_accuracy(live):.2f} accuracy, mean latency "
-            f"{live['mean_added_ms']:+.3f} ms ({_pct(live.get('relative_mean_increase'))}) against the undefended "
-            f"recording."
+            f"{live['mean_added_ms']:+.3f} ms ({_pct(live.get('relative_mean_increase'))}) against an undefended "
+            f"recording made just before it."
         )
     van = results.get("vanilla")
     if van and van.get("best_original") and adv and adv.get("best_original"):

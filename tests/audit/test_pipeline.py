@@ -72,6 +72,8 @@ def test_results_hold_every_section(tiny_run):
     assert live["sigma_ms"] == tg["recommended"]["sigma_ms"]
     assert np.isfinite(live["mean_added_ms"])  # its sign is timing noise at a small sigma on a busy machine
     assert set(live["offline_prediction"]) >= {"kde_accuracy", "mean_added_ms"}
+    live_dir = next(tiny_run[0].glob("timeguard-live-*"))  # the cost is measured against a fresh recording
+    assert {"undefended.npz", "timeguard.npz", "signals.npz"} <= {p.name for p in live_dir.iterdir()}
 
     # provenance and timings
     assert results["seeds"]["seed"] == 0
