@@ -16,21 +16,28 @@ A grid file is TOML::
 
 Every combination is validated before anything runs. Each audit is one task — ``run_audit`` into
 ``OUT/runs/<dataset>-<arch>-x<exits>-s<seed>`` — executed by a local process pool (default) or by Ray
-(``executor="ray"``: ``ray.init(address=...)`` to join a cluster, else a local instance with
-``num_cpus=workers``; each task asks for one CPU). Audits are cached like single runs, so re-running a
-sweep only does what is missing. Results are aggregated into ``sweep.json``, ``sweep.csv`` and
-``sweep.md``. A failing audit is reported in its row and does not stop the others.
+(``executor="ray"``). With Ray, ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) joins a
+running cluster — every node then needs mexit installed and ``OUT`` on a shared filesystem, since each
+task writes its run where it executes — and without one the sweep starts a private local instance with
+``workers × threads`` CPUs and shuts it down afterwards. Each task asks Ray for ``threads`` CPUs, and at
+most ``workers`` tasks are in flight on either executor. Audits are cached like single runs, so re-running
+a sweep only does what is missing. Results are aggregated into ``sweep.json``, ``sweep.csv`` and
+``sweep.md``. A failing audit (an error, a crash, a worker that died) is reported in its row and does not
+stop the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
 import logging
 import os
+import site
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +50,9 @@ from mexit.errors import BackendUnavailableError, ConfigError, UserError
 log = logging.getLogger(__name__)
 
 SWEEP_SCHEMA = "mexit.sweep/1"
-RAY_HINT = "pip install 'mexit[ray]' (or pip install 'ray[default]')"
+RAY_HINT = "pip install 'mexit[ray]' (or pip install ray)"
+#: Seconds to wait for a TCP answer from a cluster address before giving up (ray.init itself retries ~15 min).
+PROBE_TIMEOUT_S = 5.0
 
 
 class _Grid(BaseModel):
@@ -111,10 +120,12 @@ def plan_sweep(grid_file: str | Path) -> list[tuple[str, AuditConfig]]:
     return plan
 
 
-def run_one(config: dict[str, Any], run_dir: str, threads: int | None = None) -> dict[str, Any]:
-    """One sweep task: run the audit (no report progress bars) and return its row. Top-level for pickling."""
-    import contextlib
+def run_one(config: dict[str, Any], run_dir: str, threads: int | None = None, report: bool = True) -> dict[str, Any]:
+    """One sweep task: run the audit (no progress bars) and return its row. Top-level for pickling.
 
+    ``report=False`` skips the run's report.html (its figures take most of a tiny audit's time); ``mexit
+    report RUN_DIR`` builds it later from the cached results.
+    """
     from mexit.audit.pipeline import run_audit
 
     limits: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -128,7 +139,7 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int | None = None) ->
     start = time.perf_counter()
     try:
         with limits:
-            results = run_audit(config, run_dir, progress=False)
+            results = run_audit(config, run_dir, progress=False, report=report)
     except UserError as exc:
         return {"run_dir": run_dir, "status": "error", "error": str(exc), "seconds": time.perf_counter() - start}
     except Exception as exc:  # a bug in one audit must not lose the others' results; keep its traceback
@@ -179,31 +190,167 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _ray_map(tasks: list[tuple[dict[str, Any], str]], workers: int, address: str | None,
-             threads: int | None) -> list[dict[str, Any]]:
+def _crash_row(error: str, detail: str | None = None) -> dict[str, Any]:
+    """The row of a task whose worker failed before ``run_one`` could report (a crash, a lost node)."""
+    return {"status": "crashed", "error": error, "traceback": detail, "seconds": None}
+
+
+def _ray_address(address: str | None) -> str | None:
+    """The cluster to join (``--address``, else ``RAY_ADDRESS``), or None to start a local instance."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
+
+
+def _probe(address: str) -> None:
+    """Fail fast, in one line, when nothing listens at ``address``.
+
+    ray.init retries an unreachable GCS for about 15 minutes while its C++ core prints warnings, which reads
+    as a hang; a plain TCP connect says the same in seconds. ``auto`` is resolved the way ray.init resolves it
+    (RAY_ADDRESS, else the cluster ``ray start`` recorded, which may be long dead) before probing.
+    """
+    target = address
+    if address == "auto":
+        try:  # private helper, but the only way to probe what ray.init would join; if it moves, skip the probe
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:
+            return
+        try:
+            target = canonicalize_bootstrap_address("auto") or ""
+        except ConnectionError as exc:
+            raise BackendUnavailableError(f"--address auto found no running Ray cluster ({str(exc).splitlines()[0]}); "
+                                          "start one with `ray start --head`, or pass host:port") from None
+    host, sep, port = target.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # not host:port: Ray reports the format
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        where = address if target == address else f"{address} ({target})"
+        raise BackendUnavailableError(
+            f"no Ray cluster answers at {where} ({exc.strerror or str(exc) or type(exc).__name__}); start one with "
+            "`ray start --head`, fix --address (or RAY_ADDRESS), or leave it out to use a local Ray instance"
+        ) from None
+
+
+def _worker_env() -> dict[str, Any] | None:
+    """A runtime env that lets local Ray workers import mexit from where this process did, when they could not.
+
+    Workers see this process's environment, working directory and site-packages; only a checkout imported
+    through some other ``sys.path`` entry needs PYTHONPATH. A job-level runtime env costs seconds (Ray cannot
+    use its pre-started workers), so it is only set then.
+    """
+    root = Path(__file__).resolve().parents[2]
+    seen = [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep), *site.getsitepackages(),
+            site.getusersitepackages()]
+    if any(p and Path(p).resolve() == root for p in seen):
+        return None
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
+def _ray_init(ray: Any, address: str | None, cpus: int) -> None:
+    """Join ``address`` or start a private local instance with ``cpus`` CPUs; Ray's chatter stays out of our output."""
+    # Ray's own INFO/WARNING lines (instance started, token auth enabled...) would interleave with the summary;
+    # they come back with -v. Worker stdout/stderr (per-audit warnings and bars) stay in Ray's log files.
+    quiet = {"log_to_driver": False, "configure_logging": True,
+             "logging_level": logging.INFO if log.isEnabledFor(logging.INFO) else logging.ERROR}
+    if address is None:
+        # "local": a new instance even if `ray start` left one running (ray.init() would join that one, and
+        # refuse num_cpus).
+        env = _worker_env()
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **({"runtime_env": env} if env else {}),
+                 **quiet)
+        return
+    _probe(address)
+    try:
+        ray.init(address=address, **quiet)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        # Ray says only "Failed to connect"; the usual causes are a version mismatch and token authentication
+        # (on by default for local clusters since Ray 2.59): a driver sends its token only with RAY_AUTH_MODE=token.
+        lines = str(exc).strip().splitlines()
+        hint = "" if isinstance(exc, ValueError) else (f" (it must run Ray {ray.__version__}; if it uses token "
+                                                       "authentication, set RAY_AUTH_MODE=token here)")
+        raise BackendUnavailableError(f"cannot join the Ray cluster at {address}: "
+                                      f"{lines[0] if lines else type(exc).__name__}{hint}") from None
+
+
+def _ray_failure(ray: Any, exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        error = f"{type(exc.cause).__name__}: {exc.cause}"
+    else:
+        lines = str(exc).strip().splitlines()
+        error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return _crash_row(error.splitlines()[0], str(exc))
+
+
+def _ray_map(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple[Any, ...]], *, workers: int, threads: int,
+             address: str | None = None, progress: bool = False) -> list[dict[str, Any]]:
+    """``fn(*call)`` for every call as Ray tasks (``threads`` CPUs each, at most ``workers`` in flight), in order.
+
+    A task whose worker dies (crash, out-of-memory kill, lost node) gets a ``crashed`` row; the others keep
+    theirs. ``fn`` must be importable by the workers (a module-level function).
+    """
     try:
         import ray
     except ImportError:
         raise BackendUnavailableError(f"--executor ray needs Ray, which is not installed: {RAY_HINT}") from None
+    from tqdm.auto import tqdm
+
     started_here = not ray.is_initialized()
     if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            root = str(Path(__file__).resolve().parents[2])
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                         p for p in (root, os.environ.get("PYTHONPATH")) if p)}})
+        address = _ray_address(address)
+        t0 = time.perf_counter()
+        try:
+            _ray_init(ray, address, workers * threads)
+        except BaseException:
+            if ray.is_initialized():
+                ray.shutdown()
+            raise
+        log.info("Ray %s: %s in %.1f s", ray.__version__, f"joined {address}" if address else "local instance",
+                 time.perf_counter() - t0)
+    elif address:
+        log.warning("Ray is already initialised in this process; using that cluster, not %s", address)
+    rows: list[dict[str, Any] | None] = [None] * len(calls)
+    pending: dict[Any, int] = {}
+    bar = tqdm(total=len(calls), desc="sweep", unit="audit", disable=not progress)
     try:
-        remote = ray.remote(num_cpus=1)(run_one)
-        return list(ray.get([remote.remote(cfg, run_dir, threads) for cfg, run_dir in tasks]))
+        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if threads > largest > 0:
+            log.warning("each audit asks Ray for %d CPUs but the largest node has %g: tasks wait for a node that "
+                        "large (pass --threads)", threads, largest)
+        # No retries: a crash (an out-of-memory kill, a native fault) would mostly crash again; the row says so,
+        # and re-running the sweep resumes every audit from its cache.
+        remote = ray.remote(num_cpus=threads, max_retries=0)(fn)
+        queue = iter(enumerate(calls))
+        for i, call in itertools.islice(queue, workers):
+            pending[remote.remote(*call)] = i
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i = pending.pop(ref)
+                try:
+                    rows[i] = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    rows[i] = _ray_failure(ray, exc)
+                    log.warning("sweep task %d failed in Ray: %s", i, rows[i]["error"])
+                bar.update()
+                for j, call in itertools.islice(queue, 1):
+                    pending[remote.remote(*call)] = j
     finally:
+        bar.close()
+        for ref in pending:  # interrupted: do not leave audits running on a cluster
+            with contextlib.suppress(Exception):  # best effort while unwinding
+                ray.cancel(ref, force=True)
         if started_here:
             ray.shutdown()
+    return [r if r is not None else _crash_row("no result") for r in rows]
 
 
-def _local_map(tasks: list[tuple[dict[str, Any], str]], workers: int, threads: int | None,
-               progress: bool) -> list[dict[str, Any]]:
+def _local_map(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple[Any, ...]], *, workers: int,
+               progress: bool = False) -> list[dict[str, Any]]:
+    """``fn(*call)`` for every call on a spawned process pool of ``workers``, in order; a dead worker's calls
+    get ``crashed`` rows, the finished ones keep theirs."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -212,41 +359,51 @@ def _local_map(tasks: list[tuple[dict[str, Any], str]], workers: int, threads: i
     # spawn: a forked child would inherit torch's and ONNX Runtime's thread pools in an unknown state.
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(run_one, cfg, run_dir, threads) for cfg, run_dir in tasks]
+        futures = [pool.submit(fn, *call) for call in calls]
         rows = []
         for fut in tqdm(futures, desc="sweep", unit="audit", disable=not progress):
-            rows.append(fut.result())
+            try:
+                rows.append(fut.result())
+            except Exception as exc:  # BrokenProcessPool: a worker was killed (e.g. out of memory)
+                rows.append(_crash_row(f"{type(exc).__name__}: {exc}"))
+                log.warning("sweep task %d failed in the process pool: %s", len(rows) - 1, rows[-1]["error"])
     return rows
 
 
 def run_sweep(grid_file: str | Path, out_dir: str | Path, *, executor: Literal["local", "ray"] = "local",
               workers: int = 2, address: str | None = None, threads: int | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, report: bool = True) -> dict[str, Any]:
     """Run every audit of ``grid_file`` into ``out_dir/runs/`` and write the aggregated table; return it.
 
-    ``workers``: parallel audits (processes, or Ray CPUs of a local instance). ``threads``: torch threads
-    per audit (default: the machine's cores divided among the workers).
+    ``workers``: audits run at once (pool processes, or Ray tasks in flight; a local Ray instance gets
+    ``workers × threads`` CPUs). ``threads``: torch/BLAS threads per audit, also the CPUs each Ray task asks
+    for (default: this machine's cores divided among the workers). ``address``: the Ray cluster to join
+    (``auto``, ``host:port``, ``ray://host:10001``); default ``RAY_ADDRESS``, else a local instance.
+    ``report``: write each run's report.html (``False``: only the tables; ``mexit report RUN_DIR`` later).
     """
     if executor not in ("local", "ray"):
         raise ConfigError(f"executor must be 'local' or 'ray', got {executor!r}")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     if address and executor != "ray":
         raise ConfigError("--address only applies to --executor ray")
     plan = plan_sweep(grid_file)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    tasks = [(cfg.to_dict(), str(out / "runs" / name)) for name, cfg in plan]
-    log.info("sweep: %d audits on %s with %d workers", len(tasks), executor, workers)
+    calls = [(cfg.to_dict(), str(out / "runs" / name), threads, report) for name, cfg in plan]
+    log.info("sweep: %d audits on %s with %d workers", len(calls), executor, workers)
     start = time.perf_counter()
     if executor == "ray":
-        rows = _ray_map(tasks, workers, address, threads)
+        rows = _ray_map(run_one, calls, workers=workers, threads=threads, address=address, progress=progress)
     else:
-        rows = _local_map(tasks, workers, threads, progress)
+        rows = _local_map(run_one, calls, workers=workers, progress=progress)
     wall = time.perf_counter() - start
-    for (name, _), row in zip(plan, rows, strict=True):
+    for (name, _), (_, run_dir, *_), row in zip(plan, calls, rows, strict=True):
         row["run"] = name
+        row.setdefault("run_dir", run_dir)
     aggregate = {"schema": SWEEP_SCHEMA, "grid_file": str(grid_file), "executor": executor, "workers": workers,
                  "threads_per_audit": threads, "wall_seconds": wall, "runs": rows, "provenance": provenance()}
     atomic_write_json(out / "sweep.json", aggregate)

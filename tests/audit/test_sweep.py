@@ -1,19 +1,29 @@
-"""Sweeps: a grid of tiny audits on the local process pool (and Ray when installed), one aggregated table."""
+"""Sweeps: a grid of tiny audits on the local process pool and on Ray (when installed), one aggregated table."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
+import os
 import shutil
+import socket
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from mexit.audit.sweep import plan_sweep, run_sweep
+from mexit.audit.sweep import _local_map, _ray_map, plan_sweep, run_sweep
 from mexit.errors import BackendUnavailableError, ConfigError
-from tests.audit._tiny import TINY, toml_of
+from tests.audit import _sweep_tasks
+from tests.audit._tiny import TINY, TRAINED_PREFIXES, toml_of
 
-HAS_RAY = importlib.util.find_spec("ray") is not None
+NO_RAY = "Ray is not installed (optional extra: pip install 'mexit[ray]')"
+#: Row columns that do not depend on timing: equal whichever executor ran the audit (measured: two full runs of
+#: the same grid agree on these; stealing, TimeGuard and latency columns vary with the machine's load).
+DETERMINISTIC = ("run", "status", "dataset", "arch", "exits", "seed", "final_test_accuracy", "mean_flops_fraction",
+                 "stealing_chance", "adv1_original_auc", "adv1_hybrid_auc", "adv2_original_auc")
 
 
 def _grid(tmp_path, exits=(3, 2)):
@@ -56,10 +66,37 @@ def _seed_cache(tiny_run, sweep_dir):
         shutil.copy2(out / "audit.json", dst / "audit.json")
 
 
-def test_local_sweep_aggregates_two_runs(tiny_run, tmp_path):
-    sweep_dir = tmp_path / "sweep"
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _link_trained(src: Path, dst: Path) -> None:
+    """copy_trained with hard links: the stages are only read (the audit writes new files by atomic rename), and
+    the tiny models' checkpoints weigh ~0.9 GB per two runs."""
+    dst.mkdir(parents=True)
+    for stage in src.iterdir():
+        if stage.is_dir() and stage.name.startswith(TRAINED_PREFIXES):
+            shutil.copytree(stage, dst / stage.name, copy_function=_link_or_copy)
+    shutil.copy2(src / "audit.json", dst / "audit.json")
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tiny_run, tmp_path_factory):
+    """The two-run grid swept on the local process pool: (grid file, sweep directory, result)."""
+    tmp = tmp_path_factory.mktemp("sweep-local")
+    sweep_dir = tmp / "sweep"
     _seed_cache(tiny_run, sweep_dir)
-    result = run_sweep(_grid(tmp_path), sweep_dir, executor="local", workers=2, threads=1, progress=False)
+    grid = _grid(tmp)
+    # report=False: the per-run report's figures would take most of these tiny audits' time.
+    return grid, sweep_dir, run_sweep(grid, sweep_dir, executor="local", workers=2, threads=1, progress=False,
+                                      report=False)
+
+
+def test_local_sweep_aggregates_two_runs(local_sweep):
+    _, sweep_dir, result = local_sweep
     rows = result["runs"]
     assert [r["run"] for r in rows] == ["digits-fcn18-1-x3-s0", "digits-fcn18-1-x2-s0"]
     assert all(r["status"] == "ok" for r in rows), rows
@@ -74,19 +111,90 @@ def test_local_sweep_aggregates_two_runs(tiny_run, tmp_path):
     assert md.count("\n") == 4 and "digits-fcn18-1-x2-s0" in md
     x2 = json.loads((sweep_dir / "runs" / "digits-fcn18-1-x2-s0" / "results.json").read_text())
     assert x2["timings"]["train-vanilla-target"]["cached"] and not x2["timings"]["train-target"]["cached"]
+    assert not any((sweep_dir / "runs" / r["run"] / "report.html").exists() for r in rows)  # report=False
 
 
-@pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (optional extra mexit[ray])")
-def test_ray_sweep_aggregates_two_runs(tiny_run, tmp_path):
+def test_ray_sweep_matches_local(local_sweep, tmp_path):
+    """The same grid on a local Ray instance (2 workers) gives the local pool's table: same rows, same columns,
+    same values wherever they do not depend on timing. The trained models are reused; querying, stealing,
+    attacks and TimeGuard run again inside the Ray workers."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+    grid, local_dir, local = local_sweep
     sweep_dir = tmp_path / "sweep"
-    _seed_cache(tiny_run, sweep_dir)
-    result = run_sweep(_grid(tmp_path), sweep_dir, executor="ray", workers=2, threads=1, progress=False)
-    assert [r["status"] for r in result["runs"]] == ["ok", "ok"]
-    assert result["executor"] == "ray"
+    for row in local["runs"]:
+        _link_trained(local_dir / "runs" / row["run"], sweep_dir / "runs" / row["run"])
+    result = run_sweep(grid, sweep_dir, executor="ray", workers=2, threads=1, progress=False, report=False)
+    rows = result["runs"]
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert result["executor"] == "ray" and result["workers"] == 2 and result["threads_per_audit"] == 1
+    assert [list(r) for r in rows] == [list(r) for r in local["runs"]]
+    for ray_row, local_row in zip(rows, local["runs"], strict=True):
+        assert {k: ray_row[k] for k in DETERMINISTIC} == {k: local_row[k] for k in DETERMINISTIC}
+        assert ray_row["run_dir"] == str(sweep_dir.resolve() / "runs" / ray_row["run"])
+        timings = json.loads((sweep_dir / "runs" / ray_row["run"] / "results.json").read_text())["timings"]
+        assert timings["train-target"]["cached"] and not timings["collect-target"]["cached"]  # the worker worked
+    assert json.loads((sweep_dir / "sweep.json").read_text())["runs"] == json.loads(json.dumps(rows))
+    assert not ray.is_initialized()  # the instance the sweep started is shut down
 
 
-@pytest.mark.skipif(HAS_RAY, reason="checks the message shown when Ray is absent")
-def test_ray_executor_without_ray_says_how_to_install(tmp_path):
+def test_ray_map_survives_a_dead_worker_and_caps_concurrency():
+    """A task whose worker process dies gets a 'crashed' row and the others keep theirs; at most `workers` tasks
+    run at once; the local instance started for the map is shut down."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+    calls = [(i, 0.5) for i in range(5)]
+    rows = _ray_map(_sweep_tasks.nap, calls, workers=2, threads=1)
+    assert not ray.is_initialized()
+    crashed = rows[_sweep_tasks.DIES]
+    assert crashed["status"] == "crashed" and "WorkerCrashedError" in crashed["error"], crashed
+    assert "\n" not in crashed["error"]
+    done = [r for i, r in enumerate(rows) if i != _sweep_tasks.DIES]
+    assert [r["i"] for r in done] == [0, 2, 3, 4] and all(r["status"] == "ok" for r in done)
+    events = sorted([(r["start"], 1) for r in done] + [(r["end"], -1) for r in done])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 2
+
+
+def test_local_map_keeps_finished_results_when_a_worker_dies():
+    rows = _local_map(_sweep_tasks.nap, [(0, 0.0), (1, 0.0), (2, 0.0)], workers=1)
+    assert rows[0]["status"] == "ok" and rows[0]["i"] == 0
+    assert rows[1]["status"] == "crashed" and "BrokenProcessPool" in rows[1]["error"]
+    assert len(rows) == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_ray_address_is_one_line_user_error(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+    from mexit.cli import cli
+
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    start = time.perf_counter()
+    with pytest.raises(BackendUnavailableError, match=rf"no Ray cluster answers at {address} \(.*refused"):
+        run_sweep(_grid(tmp_path), tmp_path / "sweep", executor="ray", address=address, progress=False)
+    assert time.perf_counter() - start < 10 and not ray.is_initialized()
+    monkeypatch.setenv("RAY_ADDRESS", address)  # as `ray job submit` sets it
+    with pytest.raises(BackendUnavailableError, match=f"no Ray cluster answers at {address}"):
+        run_sweep(_grid(tmp_path), tmp_path / "sweep", executor="ray", progress=False)
+    with pytest.raises(BackendUnavailableError, match=rf"answers at auto \([\w.:]+:{port}\) \(.*refused"):
+        run_sweep(_grid(tmp_path), tmp_path / "sweep", executor="ray", address="auto", progress=False)
+    monkeypatch.delenv("RAY_ADDRESS")
+    res = CliRunner().invoke(cli, ["sweep", str(_grid(tmp_path)), "--out", str(tmp_path / "cli"), "--executor", "ray",
+                                   "--address", f"ray://{address}"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: no Ray cluster answers at ray://{address}"), res.output
+
+
+def test_ray_executor_without_ray_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, installed or not
     with pytest.raises(BackendUnavailableError, match=r"pip install 'mexit\[ray\]'"):
         run_sweep(_grid(tmp_path), tmp_path / "sweep", executor="ray", workers=2, progress=False)
 
@@ -94,5 +202,7 @@ def test_ray_executor_without_ray_says_how_to_install(tmp_path):
 def test_bad_executor_options(tmp_path):
     with pytest.raises(ConfigError, match="--workers"):
         run_sweep(_grid(tmp_path), tmp_path / "s", workers=0)
+    with pytest.raises(ConfigError, match="--threads"):
+        run_sweep(_grid(tmp_path), tmp_path / "s", threads=0)
     with pytest.raises(ConfigError, match="--address only applies"):
         run_sweep(_grid(tmp_path), tmp_path / "s", address="auto")

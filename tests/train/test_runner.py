@@ -22,8 +22,9 @@ def finished_run(tmp_path_factory):
 
 def test_run_writes_metrics_and_threshold(finished_run):
     out, metrics = finished_run
-    for name in ("config.json", "splits.npz", "checkpoint.pt", "model.pt", "metrics.json"):
+    for name in ("config.json", "splits.npz", "model.pt", "metrics.json"):
         assert (out / name).exists(), name
+    assert not (out / "checkpoint.pt").exists()  # the resume point goes once the run is complete
     assert len(metrics["per_exit"]) == 3
     flops = [row["flops"] for row in metrics["per_exit"]]
     assert flops == sorted(flops) and flops[0] < flops[-1]
@@ -62,13 +63,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, finished_
 
     monkeypatch.setattr(runner, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_run(make_config(**FAST), tmp_path, progress=False)
+        train_run(make_config(**FAST), tmp_path, progress=False, checkpoint_every_s=0)
     assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "metrics.json").exists()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
     resumed_epochs = []
     monkeypatch.setattr(runner, "train_epoch", lambda *a, **k: resumed_epochs.append(1) or real(*a, **k))
-    metrics = train_run(make_config(**FAST), tmp_path, progress=False)
+    metrics = train_run(make_config(**FAST), tmp_path, progress=False, checkpoint_every_s=0)
     assert len(resumed_epochs) == 1  # only epoch 3 was trained again
     ref_out, ref_metrics = finished_run
     got = torch.load(tmp_path / "model.pt", weights_only=False)["model"]
@@ -76,6 +77,15 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, finished_
     for key in ref:
         assert torch.equal(got[key], ref[key]), key
     assert metrics["per_exit"] == ref_metrics["per_exit"]
+
+
+def test_checkpoints_are_rate_limited(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(runner, "_save_checkpoint", lambda path, model, opt, epoch, history: saved.append(epoch))
+    train_run(make_config(**FAST), tmp_path, progress=False)  # 3 quick epochs: well inside 30 s
+    assert saved == []
+    train_run(make_config(**{**FAST, "seed": 4}), tmp_path / "every", progress=False, checkpoint_every_s=0)
+    assert saved == [1, 2]  # never after the last epoch: the final weights follow at once
 
 
 def test_bad_config_is_a_config_error():
