@@ -28,6 +28,7 @@ stop the others.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import csv
 import io
@@ -298,6 +299,7 @@ def _ray_map(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple[Any, ...]]
     from tqdm.auto import tqdm
 
     started_here = not ray.is_initialized()
+    original_print = builtins.print  # Ray's tqdm support replaces builtins.print process-wide; put it back after
     if started_here:
         address = _ray_address(address)
         t0 = time.perf_counter()
@@ -344,6 +346,7 @@ def _ray_map(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple[Any, ...]]
                 ray.cancel(ref, force=True)
         if started_here:
             ray.shutdown()
+            builtins.print = original_print
     return [r if r is not None else _crash_row("no result") for r in rows]
 
 

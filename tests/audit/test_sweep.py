@@ -135,6 +135,7 @@ def test_ray_sweep_matches_local(local_sweep, tmp_path):
         assert timings["train-target"]["cached"] and not timings["collect-target"]["cached"]  # the worker worked
     assert json.loads((sweep_dir / "sweep.json").read_text())["runs"] == json.loads(json.dumps(rows))
     assert not ray.is_initialized()  # the instance the sweep started is shut down
+    assert print.__module__ == "builtins"  # and Ray's process-wide print patch is undone
 
 
 def test_ray_map_survives_a_dead_worker_and_caps_concurrency():
