@@ -71,7 +71,7 @@ _MAX_GRID = 1 << 21
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def reduce_latencies(latencies: np.ndarray, reduce: Reduce = "min") -> np.ndarray:
+def reduce_latencies(latencies: np.ndarray, reduce: Reduce = "trimmed") -> np.ndarray:
     """Per-sample latency (n,) float64 from ``(n,)`` or ``(n, R)`` repeated measurements.
 
     ``trimmed`` (default): the mean of the repeats after cutting 20 % from each end

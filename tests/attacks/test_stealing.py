@@ -163,6 +163,11 @@ def test_kde_caps_the_number_of_exits_and_validates() -> None:
         KDEExitStealer().predict(lat)
     with pytest.raises(InputError):
         reduce_latencies(np.array([[1.0, np.nan]]))
+    lat = np.array([[1.0, 2.0, 3.0, 4.0, 100.0]])  # one straggler in five repeats
+    assert reduce_latencies(lat).tolist() == [3.0]  # trimmed: 20 % cut from each end, mean of 2, 3, 4
+    assert reduce_latencies(lat, "min").tolist() == [1.0] and reduce_latencies(lat, "median").tolist() == [3.0]
+    with pytest.raises(InputError):
+        reduce_latencies(lat, "max")
 
 
 def test_kde_density_matches_scipy() -> None:
