@@ -289,9 +289,9 @@ class KDEExitStealer:
         The reference centre of exit ``j`` is the median reduced latency of the reference samples that took
         it; exits the reference never took are placed by linear interpolation/extrapolation in the exit
         index (with one known exit, the clusters' own median spacing is the gap, and a single cluster goes to
-    that exit). Clusters, ordered by
-        latency, are then matched to strictly increasing exits minimising the summed distance of each
-        cluster's median to its exit's centre (dynamic programming). The match assumes the reference was
+        that exit). Clusters, ordered by latency, are then matched to non-decreasing exits minimising the
+        summed distance of each cluster's median to its exit's centre (dynamic programming; two clusters may
+        share an exit, see :func:`_monotone_match`). The match assumes the reference was
         timed on comparable hardware and serving stack — a shadow of the same architecture on the same
         host, as in our audits; a constant offset between the two deployments is *not* estimated,
         because with evenly spaced exits any shift by one gap fits equally well.
@@ -308,12 +308,6 @@ class KDEExitStealer:
         if ((exits < 0) | (exits >= num_exits)).any():
             raise InputError(f"reference exits must lie in [0, {num_exits - 1}]")
         centres = np.array([np.median(ref[exits == j]) if (exits == j).any() else np.nan for j in range(num_exits)])
-        if self.n_exits_ > num_exits:  # more clusters than exits: nearest centre, order kept where possible
-            logger.warning("%d clusters for %d exits: mapping each cluster to its nearest exit", self.n_exits_,
-                           num_exits)
-            filled = _fill_centres(centres, self.centers_)
-            self.exit_map_ = np.maximum.accumulate(np.abs(self.centers_[:, None] - filled[None, :]).argmin(1))
-            return self
         self.exit_map_ = _monotone_match(self.centers_, _fill_centres(centres, self.centers_))
         return self
 
@@ -472,19 +466,23 @@ def _fill_centres(centres: np.ndarray, cluster_centres: np.ndarray) -> np.ndarra
 
 
 def _monotone_match(cluster_centres: np.ndarray, exit_centres: np.ndarray) -> np.ndarray:
-    """Strictly increasing exits for the sorted clusters, minimising the summed |cluster - exit| distance."""
+    """Non-decreasing exits for the sorted clusters, minimising the summed |cluster - exit| distance.
+
+    Non-decreasing rather than strictly increasing: a cluster split in two (the KDE told to find more
+    clusters than the target's samples really form, e.g. because one of the shadow's exits is unused by
+    the target) then maps both halves to the same exit instead of pushing every later cluster one exit up
+    (CIFAR-10 ResNet-56 x6: 0.958 strict vs 0.993 non-decreasing; equal on the Location recordings).
+    """
     k, e = len(cluster_centres), len(exit_centres)
     dist = np.abs(cluster_centres[:, None] - exit_centres[None, :])
-    cost = np.full((k, e), np.inf)
+    cost = dist[0].copy()
     back = np.zeros((k, e), dtype=np.int64)
-    cost[0] = dist[0]
     for i in range(1, k):
-        best = np.minimum.accumulate(cost[i - 1])  # best cost with the previous cluster at exit <= j
-        arg = np.array([int(np.argmin(cost[i - 1][: j + 1])) for j in range(e)])
-        cost[i, 1:] = dist[i, 1:] + best[:-1]
-        back[i, 1:] = arg[:-1]
+        best_at = np.array([int(np.argmin(cost[: j + 1])) for j in range(e)])  # previous cluster at exit <= j
+        back[i] = best_at
+        cost = dist[i] + cost[best_at]
     out = np.empty(k, dtype=np.int64)
-    out[-1] = int(np.argmin(cost[-1]))
+    out[-1] = int(np.argmin(cost))
     for i in range(k - 1, 0, -1):
         out[i - 1] = back[i, out[i]]
     return out

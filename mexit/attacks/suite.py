@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 ROC_MAX_POINTS = 400
 # What :func:`steal` computes, versioned: cached audit stages that used another version are redone.
 # 2: trimmed-mean reduction, KDE aligned to the shadow's exits, blind KDE for adversary 3, logistic stealer.
-STEALING_VERSION = 2
+# 3: the alignment maps clusters to non-decreasing (not strictly increasing) exits.
+STEALING_VERSION = 3
 ADVERSARY_TEXT = {
     1: "exit exposed by the deployment, same-architecture shadow",
     2: "exit stolen from response times, same-architecture shadow",

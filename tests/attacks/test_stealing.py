@@ -9,6 +9,7 @@ from scipy import stats
 from mexit.attacks.stealing import (
     KDEExitStealer,
     SupervisedExitStealer,
+    _monotone_match,
     isj_bandwidth,
     latency_features,
     paper_kde_steal,
@@ -142,6 +143,14 @@ def test_align_numbers_clusters_by_the_shadow_exits_when_fast_exits_are_unused()
         stealer.align(shadow, shadow_exits[:10], 6)
     with pytest.raises(InputError):
         stealer.align(shadow, shadow_exits + 6, 6)
+
+
+def test_alignment_maps_a_split_cluster_to_one_exit() -> None:
+    """Told to find more clusters than the target forms, the KDE splits one; both halves keep its exit
+    instead of pushing every later cluster one exit up."""
+    exit_centres = np.array([0.4, 0.7, 1.0, 1.3, 1.6, 1.9])
+    assert _monotone_match(np.array([0.40, 0.45, 0.70, 1.3]), exit_centres).tolist() == [0, 0, 1, 3]
+    assert _monotone_match(np.array([0.7, 1.0]), exit_centres).tolist() == [1, 2]
 
 
 def test_align_single_cluster_goes_to_the_only_exit_the_shadow_used() -> None:
