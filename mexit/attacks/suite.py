@@ -96,8 +96,6 @@ def target_view(adversary: int, target: Signals, stolen: dict[str, np.ndarray], 
         exits = target.exit_index if target.exit_index is not None else target.true_exit
         return target.with_exits(exits, "exposed")
     name = stealer if adversary == 2 else "kde-blind"
-    if name not in stolen:  # results stored before the blind KDE existed
-        name = "kde"
     return target.with_exits(clip_exits(stolen[name], target.num_exits), f"stolen-{name}")
 
 

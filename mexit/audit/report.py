@@ -336,7 +336,7 @@ def _fig_frontier(r: dict[str, Any]) -> Any:
                color="k", zorder=5, label="constant-time padding")
     live = r.get("live")
     if live:
-        ax.scatter([live["mean_added_ms"]], [max(live["kde_accuracy"], live["supervised_accuracy"])], marker="*",
+        ax.scatter([live["mean_added_ms"]], [stealing_accuracy(live)], marker="*",
                    s=120, color="green", zorder=6, label="live confirmation")
     ax.set_xlabel("mean added latency (ms)")
     ax.set_ylabel("accuracy / attack success")

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mexit._io import atomic_write_bytes, atomic_write_json, provenance
 from mexit.audit.config import AuditConfig, apply_overrides, make_audit_config, read_config_file
+from mexit.audit.defense_eval import stealing_accuracy
 from mexit.errors import BackendUnavailableError, ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -180,12 +181,11 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     row.update({
         "timeguard_sigma_ms": tg["recommended"]["sigma_ms"],
         "timeguard_met": tg["recommended"]["met"],
-        "timeguard_stealing": max(rec["kde_accuracy"], rec["supervised_accuracy"]),
+        "timeguard_stealing": stealing_accuracy(rec),
         "timeguard_added_ms": rec["mean_added_ms"],
         "timeguard_relative_latency": rec["relative_mean_increase"],
         "padding_relative_latency": tg["padding"]["relative_mean_increase"],
-        "live_stealing": (max(results["live"]["kde_accuracy"], results["live"]["supervised_accuracy"])
-                          if results.get("live") else None),
+        "live_stealing": stealing_accuracy(results["live"]) if results.get("live") else None,
         "audit_seconds": results["wall_seconds"],
     })
     return row
