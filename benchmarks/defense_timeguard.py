@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _common import cifar_images  # a sibling script, importable once its folder is on sys.path
 from scipy import stats
 
 from mexit._io import atomic_write_json, provenance
@@ -38,7 +38,6 @@ from mexit.defense import (
 from mexit.runtime.types import Prediction
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CIFAR_TEST = SHARED / "cifar-10-batches-py" / "test_batch"
 GOAL_US = 50.0
 GOAL_REL = 0.10
 
@@ -66,18 +65,9 @@ def _median_us(fn: Callable[[np.ndarray], object], inputs: np.ndarray, calls: in
     return statistics.median(samples) / 1e3
 
 
-def _images(n: int, seed: int) -> tuple[np.ndarray, str]:
-    if CIFAR_TEST.exists():
-        with open(CIFAR_TEST, "rb") as fh:
-            data = pickle.load(fh, encoding="bytes")[b"data"][:n]
-        return (data.reshape(-1, 3, 32, 32) / 255.0).astype(np.float32), "cifar10 test_batch"
-    rng = np.random.default_rng(seed)
-    return rng.random((n, 3, 32, 32)).astype(np.float32), "random 3x32x32 (CIFAR-10 not found)"
-
-
 def delay_cost(key: bytes, calls: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    images, image_source = _images(2000, seed)
+    images, image_source = cifar_images(2000, seed)
     cases = {
         "tabular_sha512_600f": (ExactHasher(), rng.random((calls, 600)).astype(np.float32), "600 float features"),
         "image_phash_3x32x32": (PerceptualHasher("phash"), images, image_source),

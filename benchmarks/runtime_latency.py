@@ -4,9 +4,13 @@ Measures, all in one run so that machine drift affects every side alike:
 
 * per-exit latency at batch 1 (median, p10, p90): ``predict(x, force_exit=k)``, exits interleaved in a
   fresh random order every round;
-* chaining overhead per stage: the chain forced to the last exit vs a *fused* graph doing the same work
+* chaining overhead per stage: the runtime forced to the last exit (batch 1: the single early-exit graph
+  when the backend built one, see ``OrtCpuBackend``; also recorded: the per-stage chain with the decision
+  folded into the stage graphs and with the decision in numpy) vs a *fused* graph doing the same work
   (all stages and all heads merged into one ONNX graph with ``onnx.compose``), divided by the number
-  of stage boundaries;
+  of stages; and vs a *bare* ``session.run`` loop over the same stage sessions (no decision, no
+  bookkeeping), which splits that overhead into ONNX Runtime's per-session cost (bare - fused) and the
+  runtime's own Python work (chain - bare);
 * realised early-exit speed-up at batch 1 on the test split: mean latency of the single full-depth
   graph over mean latency of ``predict`` (natural per-sample exits), against the speed-up predicted by
   FLOPs (full-depth FLOPs over the mean runtime FLOPs of the exits actually taken);
@@ -14,6 +18,8 @@ Measures, all in one run so that machine drift affects every side alike:
   prediction.
 
 Goals: realised/predicted >= 0.9 at batch 1; overhead <= 30 µs per stage; batched gain >= 0.8 x predicted.
+The JSON records the load average before and after (timings on a shared machine are only comparable as
+ratios within one run).
 
     python benchmarks/runtime_latency.py --run RUN_DIR --bundle BUNDLE [--threshold T] [--out …]
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -63,13 +70,27 @@ def _percentiles(ns: list[int]) -> dict[str, float]:
             "p90_us": float(np.percentile(a, 90))}
 
 
+def bare_loop(bundle_dir: Path, opts: ort.SessionOptions) -> tuple[list[ort.InferenceSession], list[list[str]],
+                                                                     list[str]]:
+    """The stage sessions alone, for a ``session.run`` loop without any exit logic (the baseline)."""
+    m = load_bundle(bundle_dir).manifest
+    sessions = [ort.InferenceSession(str(load_bundle(bundle_dir).stage_path(e.index)), opts,
+                                     providers=["CPUExecutionProvider"]) for e in m.exits]
+    outputs = [[e.logits_output] if e.feature_output is None else [e.feature_output, e.logits_output] for e in m.exits]
+    return sessions, outputs, [e.input_name for e in m.exits]
+
+
 def per_exit_latency(rt: EarlyExitRuntime, x1: np.ndarray, fused: ort.InferenceSession, full: ort.InferenceSession,
-                     rounds: int, rng: np.random.Generator) -> dict:
-    """Batch-1 latency of every forced exit, the fused graph and the full graph, interleaved."""
+                     bare: tuple[list[ort.InferenceSession], list[list[str]], list[str]], rounds: int,
+                     rng: np.random.Generator, variants: dict[str, EarlyExitRuntime] | None = None) -> dict:
+    """Batch-1 latency of each forced exit, the fused graph, the full graph and a bare session.run loop, interleaved."""
     k_exits = rt.num_exits
-    names = [*(f"exit{k}" for k in range(k_exits)), "fused_all_heads", "full_depth_graph"]
+    names = [*(f"exit{k}" for k in range(k_exits)), "fused_all_heads", "full_depth_graph", "bare_session_run_loop"]
+    variants = variants or {}  # other runtime configurations, forced to the last exit like exit{K-1}
+    names += [f"exit{k_exits - 1}_{v}" for v in variants]
     samples: dict[str, list[int]] = {n: [] for n in names}
     in_name = fused.get_inputs()[0].name
+    sessions, outputs, inputs = bare
     for _ in range(rounds):
         for which in rng.permutation(len(names)):
             name = names[which]
@@ -78,13 +99,28 @@ def per_exit_latency(rt: EarlyExitRuntime, x1: np.ndarray, fused: ort.InferenceS
                 rt.predict(x1, force_exit=int(which))
             elif name == "fused_all_heads":
                 fused.run(None, {in_name: x1})
-            else:
+            elif name == "full_depth_graph":
                 full.run(None, {in_name: x1})
+            elif name.removeprefix(f"exit{k_exits - 1}_") in variants:
+                variants[name.removeprefix(f"exit{k_exits - 1}_")].predict(x1, force_exit=k_exits - 1)
+            else:
+                h = x1
+                for sess, outs, inp in zip(sessions, outputs, inputs, strict=True):
+                    h = sess.run(outs, {inp: h})[0]
             samples[name].append(time.perf_counter_ns() - t0)
     out = {n: _percentiles(v) for n, v in samples.items()}
-    boundaries = max(k_exits - 1, 1)
-    overhead = (out[f"exit{k_exits - 1}"]["median_us"] - out["fused_all_heads"]["median_us"]) / k_exits
-    return {"latency": out, "chaining_overhead_us_per_stage": overhead, "stage_boundaries": boundaries}
+    last = out[f"exit{k_exits - 1}"]["median_us"]
+    fused_us, bare_us = out["fused_all_heads"]["median_us"], out["bare_session_run_loop"]["median_us"]
+    return {
+        "latency": out,
+        "chaining_overhead_us_per_stage": (last - fused_us) / k_exits,
+        "split_us_per_stage": {
+            "bare_stage_loop_minus_fused": (bare_us - fused_us) / k_exits,
+            "runtime_minus_bare_stage_loop": (last - bare_us) / k_exits,
+        },
+        "stages": k_exits,
+        "goal": "<= 30 us per stage",
+    }
 
 
 def realised_speedup(rt: EarlyExitRuntime, x: np.ndarray, full: ort.InferenceSession, repeats: int,
@@ -156,7 +192,7 @@ def batched_throughput(rt: EarlyExitRuntime, x: np.ndarray, full: ort.InferenceS
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="training run directory (its test split is used)")
+    parser.add_argument("--run", type=Path, help="training run directory (its test split is used)")
     parser.add_argument("--bundle", type=Path, required=True, help="bundle exported from the run (mexit export)")
     parser.add_argument("--threshold", type=float, help="override the bundle's exit threshold (e.g. to mix exits)")
     parser.add_argument("--out", type=Path)
@@ -164,18 +200,27 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000, help="test samples for the realised speed-up")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (all sessions)")
+    parser.add_argument("--samples-from", choices=["test", "random"], default="test",
+                        help="random: uniform inputs instead of the run's test split (no dataset needed)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from mexit.train.runner import load_run  # torch only for reading the run's data split
-
-    run = load_run(args.run)
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="mexit-bench-"))
     bundle_dir = args.bundle
-    x = run.dataset.inputs(run.splits.target_test[: args.samples])
     rng = np.random.default_rng(args.seed)
-    rt = EarlyExitRuntime(bundle_dir, threshold=args.threshold, intra_op_threads=args.threads)
-    opts = session_options(intra_op_threads=args.threads)
+    if args.samples_from == "test":
+        if args.run is None:
+            parser.error("--run is required unless --samples-from random")
+        from mexit.train.runner import load_run  # torch only for reading the run's data split
+
+        run = load_run(args.run)
+        x = run.dataset.inputs(run.splits.target_test[: args.samples])
+    else:
+        shape = load_bundle(bundle_dir).manifest.input.sample_shape
+        x = rng.random((args.samples, *shape), dtype=np.float32)
+    rt = EarlyExitRuntime(bundle_dir, threshold=args.threshold, threads=args.threads)
+    opts = session_options(threads=args.threads)
     full = ort.InferenceSession(str(rt.bundle.full_path), opts, providers=["CPUExecutionProvider"])
     fused = ort.InferenceSession(str(fused_graph(bundle_dir, tmp / "fused.onnx")), opts,
                                  providers=["CPUExecutionProvider"])
@@ -186,7 +231,7 @@ def main() -> None:
 
     record = {
         "benchmark": "runtime_latency",
-        "run": str(args.run),
+        "run": str(args.run) if args.run else None,
         "arch": rt.manifest.model.arch,
         "dataset": rt.manifest.dataset.name,
         "num_exits": rt.num_exits,
@@ -195,11 +240,23 @@ def main() -> None:
         "threads": args.threads,
         "flops_fraction_per_exit": [e.cumulative_flops / rt.manifest.exits[-1].cumulative_flops
                                     for e in rt.manifest.exits],
-        "batch1": per_exit_latency(rt, x[:1], fused, full, args.rounds, rng),
+        "backend_options": dict(getattr(rt.backend, "options", {})),
+        "batch1": per_exit_latency(rt, x[:1], fused, full, bare_loop(bundle_dir, opts), args.rounds, rng,
+                                   variants={
+                                       "per_stage_chain_folded_decision": EarlyExitRuntime(
+                                           bundle_dir, threshold=args.threshold, threads=args.threads,
+                                           single_graph=False),
+                                       "per_stage_chain_numpy_decision": EarlyExitRuntime(
+                                           bundle_dir, threshold=args.threshold, threads=args.threads,
+                                           single_graph=False, fold_decision=False),
+                                   }),
         "realised_speedup_batch1": realised_speedup(rt, x, full, args.repeats, rng),
         "throughput": [batched_throughput(rt, x, full, b, args.repeats * 2) for b in (64, 256)],
+        "samples_from": args.samples_from,
         "provenance": provenance(seed=args.seed),
     }
+    record["load_average_1_5_15"] = {"before": list(load_before), "after": list(os.getloadavg()),
+                                     "cpus": os.cpu_count()}
     name = f"runtime_latency_{record['dataset']}_{record['arch']}_x{record['num_exits']}.json"
     out = args.out or Path(__file__).parent / "results" / name
     atomic_write_json(out, record)

@@ -2,9 +2,11 @@
 
 ``--clients`` client processes (default 4), each with its own ``OIPClient`` (one kept-alive
 connection), send ``--requests`` batch-1 requests each (default 2000) as fast as the server answers
-them. The server is ``python -m mexit.serve`` in a child process; its resident memory (VmRSS from
-/proc/<pid>/status) is read after a warm-up and again after the load. Goals: zero errors and memory
-growth <= 10 %.
+them, with the binary tensor data extension (``--wire json`` for JSON data). The server is
+``python -m mexit.serve`` in a child process in its default mode (fast batches predicted on the event
+loop; ``--predict`` to change it); its resident memory (VmRSS from /proc/<pid>/status) is read after
+a warm-up and again after the load. The baseline, measured in the same run, is the same number of
+batch-1 predictions in-process, one after the other. Goals: zero errors and memory growth <= 10 %.
 
     python benchmarks/serve_load.py [--bundle BUNDLE] [--clients 4] [--requests 2000] [--out PATH]
 """
@@ -13,15 +15,25 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # a sibling script, importable once its folder is on sys.path
+    add_model_options,
+    describe_model,
+    local_runtime,
+    machine_state,
+    server_process,
+)
+
 from mexit._io import atomic_write_json, provenance
-from mexit.serve import OIPClient, ServerProcess
+from mexit.serve import OIPClient
 
 GOAL_MEMORY_GROWTH = 0.10
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serve_load.json"
@@ -36,13 +48,13 @@ def rss_kib(pid: int) -> int:
 
 
 def client_worker(url: str, model: str, input_shape: tuple[int, ...], requests: int, seed: int,
-                  start_at: float, out: Any) -> None:
+                  start_at: float, binary: bool, out: Any) -> None:
     """One client process: ``requests`` batch-1 inferences; sends back latencies (ns) and error names."""
     rng = np.random.default_rng(seed)
     inputs = rng.standard_normal((64, *input_shape)).astype(np.float32)
     latencies: list[int] = []
     errors: dict[str, int] = {}
-    with OIPClient(url, model, timeout_s=30, retries=0) as client:
+    with OIPClient(url, model, timeout_s=30, retries=0, binary=binary) as client:
         client.infer(inputs[:1])  # connect before the synchronised start
         while time.time() < start_at:
             time.sleep(0.001)
@@ -57,19 +69,29 @@ def client_worker(url: str, model: str, input_shape: tuple[int, ...], requests: 
     out.close()
 
 
-def server_for(args: argparse.Namespace) -> tuple[ServerProcess, tuple[int, ...], dict[str, Any]]:
-    if args.bundle:
-        server = ServerProcess(args.bundle, backend=args.backend, threads=args.threads, model_name="m")
-        return server, (), {"kind": "bundle", "bundle": str(args.bundle), "backend": args.backend,
-                            "threads": args.threads}
-    shape = [int(d) for d in args.toy_shape.split(",")]
-    kwargs = {"input_shape": shape, "seed": 0}
-    server = ServerProcess(factory="mexit.serve.testing:ToyRuntime", factory_kwargs=kwargs, model_name="m")
-    return server, tuple(shape), {"kind": "toy", "factory": "mexit.serve.testing:ToyRuntime", **kwargs}
+def in_process_baseline(args: argparse.Namespace, total: int) -> dict[str, Any]:
+    """``total`` batch-1 predictions one after the other in this process: what the server competes with."""
+    runtime = local_runtime(args)
+    inputs = np.random.default_rng(args.seed).standard_normal((64, *runtime.input_shape)).astype(np.float32)
+    for i in range(min(args.warmup, total)):
+        runtime.predict(inputs[i % 64][None])
+    times = np.empty(total, dtype=np.int64)
+    start = time.perf_counter()
+    for i in range(total):
+        t0 = time.perf_counter_ns()
+        runtime.predict(inputs[i % 64][None])
+        times[i] = time.perf_counter_ns() - t0
+    wall = time.perf_counter() - start
+    p = np.percentile(times, [50, 99]) / 1e3
+    return {"predictions": total, "throughput_rps": round(total / wall, 1),
+            "latency_us": {"p50": round(float(p[0]), 1), "p99": round(float(p[1]), 1)}}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    server, shape, described = server_for(args)
+    server, how = server_process(args, args.predict)
+    shape: tuple[int, ...] = ()
+    binary = args.wire == "binary"
+    machine_before = machine_state()
     ctx = mp.get_context("spawn")  # clean client processes, no inherited server state
     with server:
         with OIPClient(server.url, server.model_name) as warm:
@@ -84,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for c in range(args.clients):
             receiver, sender = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=client_worker, args=(server.url, server.model_name, shape, args.requests,
-                                                           args.seed + c, start_at, sender))
+                                                           args.seed + c, start_at, binary, sender))
             proc.start()
             sender.close()
             pipes.append(receiver)
@@ -105,7 +127,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     error_count = sum(errors.values())
     return {
         "benchmark": "serve_load",
-        "runtime": described,
+        "model": describe_model(args),
+        "predict": {"mode": args.predict, "how": how},
+        "wire": args.wire,
         "clients": args.clients,
         "requests_per_client": args.requests,
         "ok_requests": int(latencies.size),
@@ -118,7 +142,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_alive_after": alive,
         "goal": {"errors": 0, "memory_growth_max": GOAL_MEMORY_GROWTH,
                  "met": bool(error_count == 0 and growth <= GOAL_MEMORY_GROWTH and alive)},
-        "machine": {"cpu_count": os.cpu_count(), "loadavg_1m_after": round(os.getloadavg()[0], 2)},
+        "baseline_in_process": in_process_baseline(args, args.clients * args.requests),
+        "machine": {"before": machine_before, "after": machine_state()},
         "note": "clients and server share the machine's cores (and other users' load): numbers are noisy",
         "provenance": provenance(seed=args.seed),
     }
@@ -126,24 +151,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", type=Path, default=None, help="serve this bundle (default: the toy runtime)")
-    p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--toy-shape", default="16", help="toy runtime input shape, e.g. 16 or 3,32,32")
+    add_model_options(p, default_out=DEFAULT_OUT)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--requests", type=int, default=2000, help="requests per client")
     p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--wire", choices=["binary", "json"], default="binary", help="tensor data encoding")
+    p.add_argument("--predict", choices=["auto", "inline", "thread"], default="auto",
+                   help="where the server runs predict (see create_app)")
     args = p.parse_args()
     result = run(args)
     atomic_write_json(args.out, result)
     lat, rss = result["latency_us"], result["server_rss_kib"]
-    print(f"{result['runtime']['kind']} runtime, {args.clients} clients x {args.requests} requests: "
+    print(f"{result['model']['kind']} model ({args.wire}, predict {args.predict}), {args.clients} clients x "
+          f"{args.requests} requests: "
           f"{result['throughput_rps']:.0f} req/s, latency p50/p90/p99 {lat['p50']:.0f}/{lat['p90']:.0f}/"
           f"{lat['p99']:.0f} us, {result['errors']} errors")
     print(f"  server RSS {rss['before']} -> {rss['after']} KiB ({rss['growth']:+.1%}); goal "
-          f"{'met' if result['goal']['met'] else 'NOT met'} -> {args.out}")
+          f"{'met' if result['goal']['met'] else 'NOT met'}; in-process baseline "
+          f"{result['baseline_in_process']['throughput_rps']:.0f} predictions/s -> {args.out}")
 
 
 if __name__ == "__main__":

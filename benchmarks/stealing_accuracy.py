@@ -20,6 +20,11 @@ the stealers that reach them.
 
 With ``--run`` the samples come from the run's dataset: the target set from ``target_test``, the shadow
 set from ``shadow_test``. Keep it to a few hundred samples per set: the machine is shared.
+
+Both sets above are timed on the *target* bundle, labelled with its true exits: the "shadow" stealers learn
+from the target's own timings (optimistic). With ``--shadow-bundle SB --shadow-run SR`` the benchmark runs
+``adversary2_stealing.py`` instead: a separately trained shadow, each bundle served in its own process,
+every accuracy beside chance and balanced accuracy (other options, e.g. ``--kinds``, ``--budgets``, pass on).
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ from mexit.attacks.stealing import (
     SupervisedExitStealer,
     paper_kde_steal,
     plan_queries,
+    steal,
 )
-from mexit.attacks.suite import steal
 from mexit.runtime import EarlyExitRuntime
 from mexit.serve import LocalClient, OIPClient, ServerProcess
 
@@ -197,7 +202,27 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--save-signals", type=Path, help="also save the collected signals (.npz) in this folder")
-    args = parser.parse_args()
+    parser.add_argument("--shadow-bundle", type=Path,
+                        help="a separately trained shadow bundle: run adversary2_stealing.py (target = --bundle/--run)")
+    parser.add_argument("--shadow-run", type=Path, help="the shadow bundle's training run (with --shadow-bundle)")
+    args, rest = parser.parse_known_args()
+    if args.shadow_bundle is not None:  # the realistic setting of issue 11 item 6: its own benchmark
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from adversary2_stealing import main as adversary2_main
+
+        if args.bundle is None or args.run is None or args.shadow_run is None:
+            parser.error("--shadow-bundle needs --bundle, --run and --shadow-run")
+        forwarded = ["--target-bundle", str(args.bundle), "--target-run", str(args.run), "--shadow-bundle",
+                     str(args.shadow_bundle), "--shadow-run", str(args.shadow_run), "--repeats", str(args.repeats),
+                     "--seed", str(args.seed), "--threads", str(args.threads), *rest]
+        if args.data_root:
+            forwarded += ["--data-root", args.data_root]
+        adversary2_main(forwarded)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     rng = np.random.default_rng(args.seed)

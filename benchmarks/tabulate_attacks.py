@@ -20,14 +20,21 @@ def _cell(block: dict, name: str, metric: str) -> str:
     return f"{m['value']:.3f} [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]" if m.get("ci") else f"{m['value']:.3f}"
 
 
+def majority_exit_share(members_per_exit: list[int], nonmembers_per_exit: list[int]) -> float:
+    """Chance level of exit stealing: always guessing the most common true exit of the queried samples."""
+    total = [m + n for m, n in zip(members_per_exit, nonmembers_per_exit, strict=True)]
+    return max(total) / max(sum(total), 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     args = parser.parse_args()
     rows, records = [], []
-    header = ("| exits | train/test acc | exit shares (members / non-members) | loss JS div. per exit | stealing acc "
-              "KDE / supervised | score ASR | score AUC | label-only ASR | adv.1 score-hybrid AUC | adv.2 "
+    header = ("| exits | train/test acc (final exit) | exit shares (members / non-members) | loss JS div. per exit | "
+              "stealing acc aligned KDE / blind KDE / logistic | stealing chance (majority exit) | "
+              "score ASR | score AUC | label-only ASR | adv.1 score-hybrid AUC | adv.2 "
               "score-hybrid AUC | adv.1 label-only-hybrid ASR | exit-only AUC |")
     rows.append(header)
     rows.append("|" + "---|" * (header.count("|") - 1))
@@ -39,10 +46,11 @@ def main() -> None:
         shares = "/".join(str(m) for m in mem) + " / " + "/".join(str(n) for n in non) if mem else "–"
         js = ", ".join("–" if v is None else f"{v:.2f}" for v in leak.get("loss_js_divergence_per_exit", []))
         st = " / ".join(f"{steal[k]['accuracy']:.3f}" if "accuracy" in steal.get(k, {}) else "–"
-                        for k in ("kde", "supervised"))
+                        for k in ("kde", "kde_blind", "supervised"))
+        chance = f"{majority_exit_share(mem, non):.3f}" if mem else "–"
         rows.append(
             f"| {setup['exits']} | {setup['train_accuracy']:.3f} / {setup['test_accuracy']:.3f} | {shares} | {js} | "
-            f"{st} | {_cell(a1, 'score', 'balanced_accuracy')} | {_cell(a1, 'score', 'auc')} | "
+            f"{st} | {chance} | {_cell(a1, 'score', 'balanced_accuracy')} | {_cell(a1, 'score', 'auc')} | "
             f"{_cell(a1, 'label-only', 'balanced_accuracy')} | {_cell(a1, 'score-hybrid', 'auc')} | "
             f"{_cell(a2, 'score-hybrid', 'auc')} | {_cell(a1, 'label-only-hybrid', 'balanced_accuracy')} | "
             f"{_cell(a1, 'exit-only', 'auc')} |")

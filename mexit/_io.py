@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 _PROVENANCE_PACKAGES = ("mexit", "numpy", "scipy", "scikit-learn", "torch", "onnx", "onnxruntime")
 
 
@@ -108,3 +110,31 @@ def provenance(**extra: Any) -> dict[str, Any]:
     }
     record.update(extra)
     return record
+
+
+def save_npz(path: str | os.PathLike[str], arrays: dict[str, Any], header: dict[str, Any]) -> None:
+    """Write ``arrays`` and a JSON ``header`` as one ``.npz``, atomically (no pickles, readable anywhere)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, header=np.array(json.dumps(header, sort_keys=True, default=_json_default)), **arrays)
+
+
+def load_npz(path: str | os.PathLike[str], names: tuple[str, ...] | None = None
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSON header and the arrays (``names``, or all but the header) of a :func:`save_npz` file.
+
+    Raises ``ValueError`` for anything that is not such a file (unreadable, truncated, no header), so
+    callers can turn it into an error that names the file and what to do.
+    """
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            present = [n for n in data.files if n != "header"]
+            wanted = present if names is None else [n for n in names if n in present]
+            arrays = {name: data[name] for name in wanted}
+    except (OSError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, arrays

@@ -18,6 +18,16 @@ deployment answers the same to every repeat; a changed answer is counted, logged
 exit (``true_exit``) for *evaluating* exit stealing; the runtime decides exits per sample, so its batch
 answer equals the served one-sample answers (a mismatch with exposed exits is logged and noted in meta).
 
+Adaptive querying (``adaptive=Adaptive(model, query_budget=B)``, opt-in): after ``min_queries`` rounds only
+the samples whose exit posterior under the shadow-fitted timing model
+(:func:`~mexit.attacks.stealing.fit_timing_model`) is still uncertain are queried again, until the mean
+budget ``B`` per sample is spent; ``latency_ns`` is then float64, NaN-padded. :func:`collect_interleaved`
+queries several deployments (shadow and target) in one randomised schedule, so the host's speed drift
+falls on both alike. A query answered with a 5xx or not at all is retried with exponential backoff and,
+if it still fails, lost (NaN, counted in ``meta["lost_queries"]``); too many lost queries stop the
+collection with one line. Timings that do not vary between samples (constant-time padding) are reported
+(``meta["timing_informative"]``).
+
 Long collections are resumable: with ``checkpoint_path`` the progress is written atomically every
 ``checkpoint_every_s`` seconds and when the collection is interrupted; a re-run with the same samples,
 seed, repeats and target continues where it stopped (the checkpoint of a finished run is kept, so a
@@ -28,22 +38,28 @@ is refused with a :class:`SignalsError` naming the difference.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from scipy import stats
 
-from mexit._io import atomic_path, provenance
+from mexit._io import load_npz, provenance, save_npz
 from mexit.attacks.signals import Signals, SignalsError, cross_entropy
+from mexit.attacks.stealing import ExitTimingModel, replay_sequential, sequential_stop
 from mexit.runtime.types import Runtime
+from mexit.serve.client import ServerError, ServerUnreachableError
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+#: The largest mean query budget per sample adaptive querying accepts (beyond it, timing is not the channel).
+MAX_QUERY_BUDGET = 200
 OUT_PROBS, OUT_LABEL, OUT_EXIT = "probabilities", "label", "exit_index"
 _HOW_TO_EXPOSE = {
     OUT_PROBS: "serve it with --expose probabilities (score-based adversary)",
@@ -77,35 +93,41 @@ def _target_name(client: Any) -> str:
 
 
 class _Progress:
-    """The per-sample answers and timings collected so far (the checkpoint's content)."""
+    """The per-sample answers and timings collected so far (the checkpoint's content).
+
+    ``latency[i, r]`` is the round-trip time of sample ``i``'s query in round ``r``, -1 where none was
+    recorded (not yet asked, lost to errors, or, when querying adaptively, not needed).
+    """
 
     def __init__(self, n: int, repeats: int) -> None:
         self.latency = np.full((n, repeats), -1, dtype=np.int64)
+        self.attempted = np.zeros((n, repeats), dtype=bool)
         self.labels = np.full(n, -1, dtype=np.int64)
         self.exits = np.full(n, -1, dtype=np.int64)
         self.probs: np.ndarray | None = None
         self.inconsistent = np.zeros(n, dtype=bool)
         self.outputs: list[str] = []
+        self.lost = 0
+        self.retried = 0
+        self.extra: dict[str, Any] = {}  # adaptive querying: the offset estimated after the first rounds
 
     def done(self) -> int:
         return int((self.latency >= 0).sum())
 
     def save(self, path: Path, fingerprint: dict[str, Any]) -> None:
-        header = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "outputs": self.outputs}
+        header = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "outputs": self.outputs,
+                  "lost": self.lost, "retried": self.retried, "extra": self.extra}
         arrays = {"latency": self.latency, "labels": self.labels, "exits": self.exits,
                   "inconsistent": self.inconsistent}
         if self.probs is not None:
             arrays["probs"] = self.probs
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, header=np.array(json.dumps(header)), **arrays)
+        save_npz(path, arrays, header)
 
     @classmethod
     def load(cls, path: Path, fingerprint: dict[str, Any]) -> _Progress:
         try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(str(data["header"]))
-                arrays = {k: data[k] for k in data.files if k != "header"}
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            header, arrays = load_npz(path)
+        except ValueError as exc:
             raise SignalsError(f"{path} is not a readable collection checkpoint ({exc}); delete it to start "
                                f"over") from None
         if header.get("format") != CHECKPOINT_FORMAT:
@@ -118,13 +140,92 @@ class _Progress:
             raise SignalsError(f"the checkpoint {path} was made with different arguments ({'; '.join(diffs)}); "
                                f"pass the same samples, seed, repeats and target to resume, or delete it to start "
                                f"over")
-        n, repeats = fingerprint["n"], fingerprint["repeats"]
-        prog = cls(n, repeats)
+        prog = cls(*arrays["latency"].shape)
         prog.latency, prog.labels, prog.exits = arrays["latency"], arrays["labels"], arrays["exits"]
+        prog.attempted = prog.latency >= 0  # lost queries of the interrupted run are asked again
         prog.inconsistent = arrays["inconsistent"]
         prog.probs = arrays.get("probs")
         prog.outputs = list(header.get("outputs", []))
+        prog.retried = int(header.get("retried", 0))
+        prog.extra = dict(header.get("extra", {}))
         return prog
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """Adaptive querying: repeats per sample follow the evidence instead of a constant.
+
+    Every sample is queried ``min_queries`` times; then, round after round, only the samples whose exit
+    posterior under ``model`` (the shadow-fitted :class:`~mexit.attacks.stealing.ExitTimingModel`) is
+    still below ``confidence`` are queried again (:func:`~mexit.attacks.stealing.sequential_stop`), until
+    the mean number of queries per sample reaches ``query_budget`` or a sample reaches ``max_per_sample``
+    (default ``4 · query_budget``). After the first rounds the offset between the target's timings and the
+    model's (a slower serving stack) is estimated once and kept (``offset=False``: trust absolute times).
+    Fit ``model`` with :func:`~mexit.attacks.stealing.fit_timing_model` on the shadow's fixed-repeat timings;
+    :func:`~mexit.attacks.stealing.describe_jitter` says beforehand how many queries the target will need.
+    """
+
+    model: ExitTimingModel
+    query_budget: float
+    confidence: float = 0.95
+    min_queries: int = 0  # 0: two queries, or one with a budget below 2
+    max_per_sample: int | None = None
+    offset: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.query_budget <= MAX_QUERY_BUDGET:
+            raise SignalsError(f"the query budget must be between 1 and {MAX_QUERY_BUDGET} queries per sample on "
+                               f"average, got {self.query_budget}")
+        if self.min_queries == 0:
+            object.__setattr__(self, "min_queries", 2 if self.query_budget >= 2 else 1)
+        if not 0 < self.confidence < 1:
+            raise SignalsError(f"the stopping confidence must lie in (0, 1), got {self.confidence}")
+        if not 1 <= self.min_queries <= self.query_budget:
+            raise SignalsError(f"min_queries must be >= 1 and at most the query budget ({self.query_budget}), got "
+                               f"{self.min_queries}")
+        if self.max_per_sample is not None and self.max_per_sample < self.min_queries:
+            raise SignalsError(f"max_per_sample ({self.max_per_sample}) is below min_queries ({self.min_queries})")
+
+    @property
+    def width(self) -> int:
+        """Slots per sample: the most queries one sample may get."""
+        cap = self.max_per_sample or math.ceil(4 * self.query_budget)
+        return int(min(max(cap, self.min_queries), 4 * MAX_QUERY_BUDGET))
+
+    def fingerprint(self) -> dict[str, Any]:
+        digest = hashlib.sha256(np.ascontiguousarray(self.model.centres).tobytes()).hexdigest()[:16]
+        return {"query_budget": float(self.query_budget), "confidence": float(self.confidence),
+                "min_queries": int(self.min_queries), "max_per_sample": self.width, "model": digest,
+                "offset": bool(self.offset)}
+
+
+@dataclass
+class Deployment:
+    """One deployment to query in an interleaved schedule (:func:`collect_interleaved`)."""
+
+    client: InferClient
+    x: np.ndarray
+    y: np.ndarray
+    member: np.ndarray
+    sample_index: np.ndarray | None = None
+    true_exit_runtime: Runtime | None = None
+    meta: dict[str, Any] | None = None
+    num_exits: int | None = None
+    num_classes: int | None = None
+
+
+@dataclass
+class _Options:
+    """How queries are sent: retries on server errors, the share of lost queries tolerated, inconsistency."""
+
+    require: Sequence[str] = ()
+    on_inconsistent: str = "warn"
+    retries: int = 3
+    backoff_s: float = 0.05
+    max_lost_fraction: float = 0.2
+    progress: bool = True
+    every_s: float = 5.0
+    desc: str = "collect"
 
 
 def collect_signals(
@@ -146,6 +247,10 @@ def collect_signals(
     num_classes: int | None = None,
     on_inconsistent: Literal["warn", "raise"] = "warn",
     checkpoint_every_s: float = 5.0,
+    adaptive: Adaptive | None = None,
+    retries: int = 3,
+    backoff_s: float = 0.05,
+    max_lost_fraction: float = 0.2,
 ) -> Signals:
     """Query ``client`` with every sample of ``x`` ``repeats`` times and return what it revealed.
 
@@ -157,6 +262,13 @@ def collect_signals(
     width; highest exposed exit + 1, the paper's Adversary 1 "hyperparameter stealing"); a label-only
     deployment without exposed exits needs ``num_exits`` (the adversary's shadow architecture) or a
     runtime. An unreachable server raises the client's error (a :class:`~mexit.errors.UserError`).
+
+    ``adaptive``: query adaptively (:class:`Adaptive`; ``repeats`` is then ignored) — ``latency_ns`` is
+    float64 with NaN where a sample needed fewer queries than others, and ``meta["adaptive"]`` reports the
+    mean queries per sample. A query answered with a server error (5xx) or no answer is retried
+    ``retries`` times with exponential backoff (from ``backoff_s``); one still failing is lost (its slot
+    NaN, counted in ``meta["lost_queries"]``, asked again by a resumed run); more than
+    ``max_lost_fraction`` lost stops the collection with one line (the checkpoint keeps what was recorded).
     """
     x = np.asarray(x)
     y = np.asarray(y, dtype=np.int64)
@@ -170,29 +282,126 @@ def collect_signals(
     sample_index = np.arange(n, dtype=np.int64) if sample_index is None else np.asarray(sample_index, dtype=np.int64)
     if sample_index.shape != (n,):
         raise SignalsError(f"sample_index must have one entry per sample ({n}), got shape {sample_index.shape}")
+    _check_arguments(repeats, warmup, on_inconsistent, retries, backoff_s, max_lost_fraction)
+    width = adaptive.width if adaptive is not None else repeats
+    fingerprint = {"samples": _samples_digest(x, y, member, sample_index), "n": n, "seed": int(seed),
+                   "repeats": int(repeats) if adaptive is None else adaptive.fingerprint(),
+                   "target": _target_name(client)}
+    opts = _Options(require=require, on_inconsistent=on_inconsistent, retries=retries, backoff_s=backoff_s,
+                    max_lost_fraction=max_lost_fraction, progress=progress, every_s=checkpoint_every_s)
+    state = _open_state(checkpoint_path, fingerprint, n, width)
+
+    def send(i: int) -> Any:
+        return client.infer(x[i : i + 1])
+
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    if adaptive is not None:
+        _run_adaptive(send, n, state, adaptive, warmup=warmup, seed=seed, checkpoint=ckpt, fingerprint=fingerprint,
+                      opts=opts)
+    elif state.done() < n * repeats:
+        _run_queries(send, n, state, repeats=repeats, warmup=warmup, seed=seed, checkpoint=ckpt,
+                     fingerprint=fingerprint, opts=opts)
+    else:
+        _check_outputs(state.outputs, require)
+    sig = _assemble(state, x, y, member, sample_index, true_exit_runtime=true_exit_runtime, meta=meta,
+                    repeats=repeats, warmup=warmup, seed=seed, num_exits=num_exits, num_classes=num_classes,
+                    target=fingerprint["target"])
+    if adaptive is not None:
+        sig.meta["adaptive"] = _adaptive_report(state, adaptive)
+        sig.meta["repeats"] = None  # a different number per sample: see meta["adaptive"] and the NaN padding
+    return sig
+
+
+def collect_interleaved(
+    deployments: Mapping[str, Deployment],
+    *,
+    repeats: int = 10,
+    warmup: int = 20,
+    seed: int = 0,
+    checkpoint_path: str | Path | None = None,
+    progress: bool = True,
+    require: Sequence[str] = (),
+    on_inconsistent: Literal["warn", "raise"] = "warn",
+    checkpoint_every_s: float = 5.0,
+    retries: int = 3,
+    backoff_s: float = 0.05,
+    max_lost_fraction: float = 0.2,
+) -> dict[str, Signals]:
+    """Query several deployments (e.g. the shadow and the target) in one randomised schedule.
+
+    Every round visits all samples of all deployments in one seeded random order, so the host's speed
+    drift (measured between separate recordings on a shared machine) falls on shadow and target alike
+    instead of becoming an offset between them. Otherwise as :func:`collect_signals` with fixed repeats;
+    returns one :class:`Signals` per deployment name (``meta["interleaved_with"]`` names the others).
+    """
+    if not deployments:
+        raise SignalsError("no deployments to query")
+    _check_arguments(repeats, warmup, on_inconsistent, retries, backoff_s, max_lost_fraction)
+    names = list(deployments)
+    parts = []
+    for name in names:
+        d = deployments[name]
+        xs, ys, ms = np.asarray(d.x), np.asarray(d.y, dtype=np.int64), np.asarray(d.member).astype(bool)
+        if not len(xs) or ys.shape != (len(xs),) or ms.shape != (len(xs),):
+            raise SignalsError(f"deployment {name!r}: give a non-empty x with one label and one membership flag per "
+                               f"sample")
+        idx = np.arange(len(xs), dtype=np.int64) if d.sample_index is None else np.asarray(d.sample_index, np.int64)
+        parts.append((xs, ys, ms, idx))
+    owner = np.concatenate([np.full(len(p[0]), j) for j, p in enumerate(parts)])
+    local = np.concatenate([np.arange(len(p[0])) for p in parts])
+    n = len(owner)
+    fingerprint = {"samples": "|".join(_samples_digest(*p) for p in parts), "n": n, "seed": int(seed),
+                   "repeats": int(repeats),
+                   "target": "|".join(f"{k}={_target_name(deployments[k].client)}" for k in names)}
+    opts = _Options(require=require, on_inconsistent=on_inconsistent, retries=retries, backoff_s=backoff_s,
+                    max_lost_fraction=max_lost_fraction, progress=progress, every_s=checkpoint_every_s,
+                    desc="collect " + "+".join(names))
+    state = _open_state(checkpoint_path, fingerprint, n, repeats)
+
+    def send(i: int) -> Any:
+        d, xs = deployments[names[owner[i]]], parts[owner[i]][0]
+        return d.client.infer(xs[local[i] : local[i] + 1])
+
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    if state.done() < n * repeats:
+        _run_queries(send, n, state, repeats=repeats, warmup=warmup, seed=seed, checkpoint=ckpt,
+                     fingerprint=fingerprint, opts=opts)
+    else:
+        _check_outputs(state.outputs, require)
+    out: dict[str, Signals] = {}
+    for j, name in enumerate(names):
+        d = deployments[name]
+        rows = owner == j
+        sub = _Progress(int(rows.sum()), repeats)
+        sub.latency, sub.labels, sub.exits = state.latency[rows], state.labels[rows], state.exits[rows]
+        sub.probs = None if state.probs is None else state.probs[rows]
+        sub.inconsistent, sub.outputs = state.inconsistent[rows], state.outputs
+        sub.lost = int((state.attempted[rows] & (state.latency[rows] < 0)).sum())
+        meta = {**(d.meta or {}), "interleaved_with": [k for k in names if k != name]}
+        out[name] = _assemble(sub, *parts[j], true_exit_runtime=d.true_exit_runtime, meta=meta, repeats=repeats,
+                              warmup=warmup, seed=seed, num_exits=d.num_exits, num_classes=d.num_classes,
+                              target=_target_name(d.client))
+    return out
+
+
+def _check_arguments(repeats: int, warmup: int, on_inconsistent: str, retries: int, backoff_s: float,
+                     max_lost_fraction: float) -> None:
     if repeats < 1 or warmup < 0:
         raise SignalsError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if on_inconsistent not in ("warn", "raise"):
         raise SignalsError(f"on_inconsistent must be 'warn' or 'raise', got {on_inconsistent!r}")
+    if retries < 0 or backoff_s < 0 or not 0 <= max_lost_fraction < 1:
+        raise SignalsError(f"need retries >= 0, backoff_s >= 0 and max_lost_fraction in [0, 1), got {retries}, "
+                           f"{backoff_s} and {max_lost_fraction}")
 
-    fingerprint = {"samples": _samples_digest(x, y, member, sample_index), "n": n, "seed": int(seed),
-                   "repeats": int(repeats), "target": _target_name(client)}
+
+def _open_state(checkpoint_path: str | Path | None, fingerprint: dict[str, Any], n: int, width: int) -> _Progress:
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     if ckpt is not None and ckpt.exists():
         state = _Progress.load(ckpt, fingerprint)
-        logger.info("resuming from %s: %d of %d queries done", ckpt, state.done(), n * repeats)
-    else:
-        state = _Progress(n, repeats)
-
-    if state.done() < n * repeats:
-        _run_queries(client, x, state, repeats=repeats, warmup=warmup, seed=seed, require=require,
-                     checkpoint=ckpt, fingerprint=fingerprint, progress=progress, on_inconsistent=on_inconsistent,
-                     every_s=checkpoint_every_s)
-    else:
-        _check_outputs(state.outputs, require)
-    return _assemble(state, x, y, member, sample_index, true_exit_runtime=true_exit_runtime, meta=meta,
-                     repeats=repeats, warmup=warmup, seed=seed, num_exits=num_exits, num_classes=num_classes,
-                     target=fingerprint["target"])
+        logger.info("resuming from %s: %d queries recorded", ckpt, state.done())
+        return state
+    return _Progress(n, width)
 
 
 def _check_outputs(outputs: Sequence[str], require: Sequence[str]) -> None:
@@ -202,36 +411,191 @@ def _check_outputs(outputs: Sequence[str], require: Sequence[str]) -> None:
                                f"{_HOW_TO_EXPOSE.get(name, 'this attack cannot run against it')}")
 
 
-def _run_queries(client: InferClient, x: np.ndarray, state: _Progress, *, repeats: int, warmup: int, seed: int,
-                 require: Sequence[str], checkpoint: Path | None, fingerprint: dict[str, Any], progress: bool,
-                 on_inconsistent: str, every_s: float) -> None:
-    from tqdm.auto import tqdm
+_RETRYABLE = (ServerUnreachableError, ConnectionError, TimeoutError)
 
-    n = len(x)
+
+def _send_with_retry(send: Callable[[int], Any], i: int, state: _Progress, opts: _Options) -> Any | None:
+    """One query, retried with exponential backoff on a server error (5xx) or no answer; None when lost.
+
+    Before the deployment has answered anything at all, the error is raised: an unreachable or broken
+    deployment is a user error, not lost queries.
+    """
+    for attempt in range(opts.retries + 1):
+        if attempt:
+            state.retried += 1
+            time.sleep(opts.backoff_s * 2 ** (attempt - 1))
+        try:
+            return send(i)
+        except ServerError as exc:
+            if exc.status < 500 or not state.outputs:
+                raise
+            problem: Exception = exc
+        except _RETRYABLE as exc:
+            if not state.outputs:
+                raise
+            problem = exc
+        logger.debug("query of sample %d failed (attempt %d): %s", i, attempt + 1, problem)
+    state.lost += 1
+    return None
+
+
+def _warm_up(send: Callable[[int], Any], n: int, state: _Progress, warmup: int, seed: int, opts: _Options) -> None:
     warm_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
     for i in warm_rng.integers(0, n, size=warmup):
-        outputs = client.infer(x[i : i + 1]).outputs
-        if not state.outputs:
-            state.outputs = sorted(outputs)
-            _check_outputs(state.outputs, require)
-    last_save = time.monotonic()
-    bar = tqdm(total=n * repeats, initial=state.done(), disable=not progress, unit="query", desc="collect",
+        res = _send_with_retry(send, int(i), state, opts)
+        if res is not None and not state.outputs:
+            state.outputs = sorted(res.outputs)
+            _check_outputs(state.outputs, opts.require)
+    state.lost = 0  # warm-up answers are not recorded, so none of them is lost
+
+
+def _ask(send: Callable[[int], Any], i: int, r: int, state: _Progress, opts: _Options) -> None:
+    """Query sample ``i`` for slot ``r`` and record it (or count it lost); stop when too many are lost."""
+    state.attempted[i, r] = True
+    res = _send_with_retry(send, i, state, opts)
+    if res is not None:
+        _record(state, i, r, res.outputs, int(res.rtt_ns), opts.require, opts.on_inconsistent)
+        return
+    tried = int(state.attempted.sum())
+    if tried >= 20 and state.lost > opts.max_lost_fraction * tried:
+        raise SignalsError(f"the deployment failed {state.lost} of {tried} queries even after {opts.retries} "
+                           f"retries each; check that it is healthy and re-run (the recorded queries are kept when a "
+                           f"checkpoint is used)")
+
+
+class _Saver:
+    """Checkpoints the progress at most every ``every_s`` seconds, and once more when the loop ends."""
+
+    def __init__(self, state: _Progress, checkpoint: Path | None, fingerprint: dict[str, Any], every_s: float) -> None:
+        self.state, self.checkpoint, self.fingerprint, self.every_s = state, checkpoint, fingerprint, every_s
+        self.last = time.monotonic()
+
+    def tick(self) -> None:
+        if self.checkpoint is not None and time.monotonic() - self.last >= self.every_s:
+            self.state.save(self.checkpoint, self.fingerprint)
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        if self.checkpoint is not None and self.state.done():
+            self.state.save(self.checkpoint, self.fingerprint)
+
+
+def _run_queries(send: Callable[[int], Any], n: int, state: _Progress, *, repeats: int, warmup: int, seed: int,
+                 checkpoint: Path | None, fingerprint: dict[str, Any], opts: _Options) -> None:
+    from tqdm.auto import tqdm
+
+    _warm_up(send, n, state, warmup, seed, opts)
+    saver = _Saver(state, checkpoint, fingerprint, opts.every_s)
+    bar = tqdm(total=n * repeats, initial=state.done(), disable=not opts.progress, unit="query", desc=opts.desc,
                leave=False)
     try:
         for r in range(repeats):
             todo = _round_order(seed, r, n)
             todo = todo[state.latency[todo, r] < 0]
             for i in todo:
-                res = client.infer(x[i : i + 1])
-                _record(state, int(i), r, res.outputs, int(res.rtt_ns), require, on_inconsistent)
+                _ask(send, int(i), r, state, opts)
                 bar.update(1)
-                if checkpoint is not None and time.monotonic() - last_save >= every_s:
-                    state.save(checkpoint, fingerprint)
-                    last_save = time.monotonic()
+                saver.tick()
     finally:
         bar.close()
-        if checkpoint is not None and state.done():
-            state.save(checkpoint, fingerprint)
+        saver.close()
+
+
+def _latencies(state: _Progress) -> np.ndarray:
+    """Recorded latencies as float64, NaN where no query was recorded."""
+    lat = state.latency.astype(np.float64)
+    lat[state.latency < 0] = np.nan
+    return lat
+
+
+def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Adaptive, *, warmup: int, seed: int,
+                  checkpoint: Path | None, fingerprint: dict[str, Any], opts: _Options) -> None:
+    """Rounds of queries; after ``min_queries`` rounds only the samples whose exit is still uncertain.
+
+    Which samples a round visits depends only on their own recorded timings and on the offset estimated
+    once after the first rounds (kept in the checkpoint), so a resumed run makes the same decisions.
+    """
+    from tqdm.auto import tqdm
+
+    model = replace(plan.model)
+    informative = model.informative()
+    if not informative:
+        logger.warning("the shadow's timings do not separate its exits (constant-time padding?): each target "
+                       "sample is queried %d times only, and exits stolen from timing will be at chance",
+                       plan.min_queries)
+    shadow_plan = _shadow_plan(plan)
+    if shadow_plan is not None:
+        state.extra["shadow_plan"] = shadow_plan
+        logger.info("on the shadow's timings the sequential test stops after %.1f queries per sample on average "
+                    "(%.3f balanced accuracy, %d of %d undecided after %d); budget %g per sample",
+                    shadow_plan["mean_queries"], shadow_plan["balanced_accuracy"], shadow_plan["undecided"],
+                    len(model.reference), shadow_plan["recorded_repeats"], plan.query_budget)
+    _warm_up(send, n, state, warmup, seed, opts)
+    budget = math.floor(plan.query_budget * n)
+    bar = tqdm(total=budget, initial=int(state.attempted.sum()), disable=not opts.progress, unit="query",
+               desc=opts.desc, leave=False)
+    saver = _Saver(state, checkpoint, fingerprint, opts.every_s)
+    try:
+        for r in range(plan.width):
+            if r >= plan.min_queries and not informative:
+                break
+            if r == plan.min_queries and plan.offset:
+                if "offset" not in state.extra:
+                    reduce = "min" if model.statistic == "min" else "trimmed"  # the statistic the model judges
+                    state.extra["offset"] = list(model.estimate_offset(_latencies(state), reduce=reduce))
+                model.offset = tuple(state.extra["offset"])  # type: ignore[assignment]
+            todo = _round_order(seed, r, n)
+            todo = todo[~state.attempted[todo, r]]
+            if r >= plan.min_queries:
+                lat = _latencies(state)
+                _, confident = sequential_stop(model, lat[todo], plan.confidence)
+                todo = todo[~confident & state.attempted[todo, r - 1]]  # still uncertain, and asked last round
+            if not len(todo):
+                if state.attempted[:, r].any():  # this round was done before the run was resumed
+                    continue
+                break
+            for i in todo:
+                if int(state.attempted.sum()) >= budget and r >= plan.min_queries:
+                    return
+                _ask(send, int(i), r, state, opts)
+                spent = int(state.attempted.sum())
+                bar.update(1)
+                bar.set_postfix_str(f"{spent / n:.1f} of {plan.query_budget:g} queries/sample")
+                saver.tick()
+    finally:
+        bar.close()
+        saver.close()
+
+
+def _shadow_plan(plan: Adaptive) -> dict[str, Any] | None:
+    """The sequential test replayed on the shadow timings the model was fitted on: the queries the target
+    will need (optimistic: in-sample), or None for a model without shadow timings."""
+    model = plan.model
+    exits = model.reference_exits
+    if not len(model.reference) or len(exits) != len(model.reference) or model.reference.shape[1] < 2:
+        return None
+    return replay_sequential(model, model.reference, exits, confidence=plan.confidence,
+                             min_queries=plan.min_queries)
+
+
+def _adaptive_report(state: _Progress, plan: Adaptive) -> dict[str, Any]:
+    """Queries spent per sample and how many samples ended confident, for ``meta["adaptive"]``."""
+    model = replace(plan.model)
+    if "offset" in state.extra:
+        model.offset = tuple(state.extra["offset"])  # type: ignore[assignment]
+    lat = _latencies(state)
+    ok = np.isfinite(lat).any(axis=1)
+    confident = np.zeros(len(lat), dtype=bool)
+    if ok.any():
+        confident[ok] = sequential_stop(model, lat[ok], plan.confidence)[1]
+    counts = state.attempted.sum(axis=1)
+    return {"query_budget": plan.query_budget, "confidence": plan.confidence, "min_queries": plan.min_queries,
+            "max_per_sample": plan.width, "mean_queries": float(counts.mean()), "max_queries": int(counts.max()),
+            "confident_samples": int(confident.sum()), "offset": state.extra.get("offset"),
+            "shadow_plan": state.extra.get("shadow_plan"),
+            "timing_informative": plan.model.informative()}
+
+
 
 
 def _record(state: _Progress, i: int, r: int, outputs: dict[str, np.ndarray], rtt_ns: int,
@@ -296,6 +660,22 @@ def _assemble(state: _Progress, x: np.ndarray, y: np.ndarray, member: np.ndarray
             num_classes = int(max(y.max(), state.labels.max())) + 1
             logger.info("label-only target: assuming %d classes (highest label seen + 1); pass num_classes= to "
                         "override", num_classes)
+    unanswered = int((state.labels < 0).sum())
+    if unanswered:
+        raise SignalsError(f"{unanswered} of {len(x)} samples got no answer at all (every query lost); re-run with the "
+                           f"same checkpoint to ask them again")
+    latency: np.ndarray = state.latency.copy()
+    if (latency < 0).any():  # lost queries, or adaptive querying: NaN marks a repeat not recorded
+        latency = _latencies(state)[:, : int(np.flatnonzero(np.isfinite(_latencies(state)).any(axis=0)).max()) + 1]
+    lost = int((state.attempted & (state.latency < 0)).sum())
+    if lost:
+        logger.warning("%d queries were lost to server errors after %d retries in all; their slots are NaN", lost,
+                       state.retried)
+    informative = _timing_varies(latency)
+    if informative is False:
+        logger.warning("the target's response times do not vary detectably between samples beyond query noise "
+                       "(Kruskal-Wallis p >= 0.01: one exit for all, constant-time padding, or too few repeats): "
+                       "exits stolen from its timing may be at chance")
     inconsistent = int(state.inconsistent.sum())
     if inconsistent:
         logger.warning("%d of %d samples got different answers across repeats; their first answers are recorded",
@@ -309,6 +689,9 @@ def _assemble(state: _Progress, x: np.ndarray, y: np.ndarray, member: np.ndarray
         "query_protocol": "one sample per request; repeats in rounds, each round in a fresh seeded random order",
         "latency": "client round-trip time per query, perf_counter_ns, column r = round r",
         "inconsistent_samples": inconsistent,
+        "lost_queries": lost,
+        "retried_queries": state.retried,
+        "timing_informative": informative,
         "provenance": provenance(),
         **extra,
     }
@@ -326,6 +709,21 @@ def _assemble(state: _Progress, x: np.ndarray, y: np.ndarray, member: np.ndarray
         loss=None if state.probs is None else cross_entropy(state.probs, y),
         exit_index=None if exits is None else exits.copy(),
         true_exit=true_exit,
-        latency_ns=state.latency.copy(),
+        latency_ns=latency,
         meta=info,
     )
+
+
+def _timing_varies(latency: np.ndarray, alpha: float = 0.01) -> bool | None:
+    """Whether per-sample timings differ beyond query noise (Kruskal–Wallis across samples); None: untestable.
+
+    False for a constant-time (padded) deployment, or one where every sample takes the same exit.
+    """
+    lat = np.asarray(latency, dtype=np.float64)
+    if lat.ndim != 2 or lat.shape[1] < 2:
+        return None
+    groups = [row[np.isfinite(row)] for row in lat]
+    groups = [g for g in groups if len(g) >= 2]
+    if len(groups) < 2 or np.ptp(np.concatenate(groups)) == 0:
+        return None if len(groups) < 2 else False
+    return bool(stats.kruskal(*groups).pvalue < alpha)

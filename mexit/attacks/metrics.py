@@ -12,7 +12,7 @@ Membership attacks (:func:`attack_metrics`):
   evaluated data itself* (LiRA's ``acc = max(1 - (fpr + 1 - tpr) / 2)``): an optimistic upper bound,
   reported for comparison with the literature, not as the attack's accuracy.
 * **TPR at a fixed low FPR** (0.1 % and 1 % by default) with the LiRA / Privacy Meter convention
-  ``tpr[np.where(fpr < target)[0][-1]]`` on ``sklearn.metrics.roc_curve``: the best TPR of a
+  ``tpr[np.where(fpr < target)[0][-1]]`` on ``sklearn.metrics.roc_curve(drop_intermediate=False)``: the best TPR of a
   deterministic threshold whose FPR is strictly below the target (a step function, not a linear
   interpolation between ROC points, which would describe a randomised classifier).
   ``method="interp"`` gives the interpolated value instead.
@@ -23,9 +23,16 @@ Membership attacks (:func:`attack_metrics`):
   When there are too few non-members to resolve a target FPR (fewer than ``10 / fpr``) a
   ``warnings`` entry says so: the estimate rests on a handful of samples.
 
-Leakage statistics: :func:`js_divergence_per_exit` (Jensen–Shannon divergence of member vs non-member
-loss histograms per exit, the paper's §3.4 overfitting measure), :func:`member_share_per_exit`
-(paper Fig. 11), :func:`train_test_gap`; exit stealing: :func:`exit_stealing_metrics`.
+Low-FPR reporting and comparisons (issue 13): :func:`low_fpr_tpr` (TPR at each FPR with an exact
+Clopper–Pearson interval, or "not measurable: needs >= N non-members"), :func:`paired_bootstrap` (the
+interval of the difference between two attacks scored on the same samples — the only valid way to call
+one better than the other), :func:`significance_statement` (does the AUC interval include 0.5).
+
+Leakage statistics: :func:`per_exit_js` (per exit: JS divergence of member vs non-member log-loss in
+equal-mass bins, with its permutation baseline, p-value and counts, reported only for exits with enough
+samples), :func:`js_divergence_per_exit` (the bare per-exit values, now on log-loss so they do not collapse),
+:func:`member_share_per_exit` (paper Fig. 11), :func:`train_test_gap`; exit stealing:
+:func:`exit_stealing_metrics`.
 """
 
 from __future__ import annotations
@@ -146,9 +153,16 @@ def best_threshold(member: np.ndarray, scores: np.ndarray) -> float:
 
 def tpr_at_fpr(member: np.ndarray, scores: np.ndarray, fpr: float, *,
                method: Literal["lira", "interp"] = "lira") -> float:
-    """TPR at false-positive rate ``fpr`` (see the module docstring for the two conventions)."""
+    """TPR at false-positive rate ``fpr`` (see the module docstring for the two conventions).
+
+    ``method="lira"`` (default) is the step rule, no interpolation: the TPR of the best deterministic
+    threshold whose FPR is strictly below ``fpr``. ``method="interp"`` interpolates linearly between the
+    ROC points around ``fpr``. The ROC keeps every distinct score (``drop_intermediate=False``): with
+    ``True`` scikit-learn drops collinear points, and the "last point below" of the step rule moved
+    (it disagreed with :func:`attack_metrics` for tied scores).
+    """
     y, s = _membership_inputs(member, scores)
-    f, t, _ = roc_curve(y, s)
+    f, t, _ = roc_curve(y, s, drop_intermediate=False)
     return float(_tpr_at(f[None], t[None], fpr, method)[0])
 
 
@@ -237,6 +251,113 @@ def attack_metrics(
     return result
 
 
+def clopper_pearson(k: int, n: int, ci: float = 0.95) -> list[float]:
+    """Exact (Clopper–Pearson) interval of a binomial proportion ``k / n`` (scipy's ``binomtest``)."""
+    from scipy.stats import binomtest
+
+    if n < 1 or not 0 <= k <= n:
+        raise InputError(f"need 0 <= k <= n and n >= 1 for a proportion interval, got k={k}, n={n}")
+    iv = binomtest(int(k), int(n)).proportion_ci(confidence_level=ci, method="exact")
+    return [float(iv.low), float(iv.high)]
+
+
+def low_fpr_tpr(member: np.ndarray, scores: np.ndarray, fprs: Sequence[float] = DEFAULT_FPRS, *,
+                ci: float = 0.95, min_false_positives: int = 10) -> dict[str, dict[str, Any]]:
+    """TPR at each low FPR with a Clopper–Pearson interval, or "not measurable" when there are too few non-members.
+
+    The threshold is the step rule of :func:`tpr_at_fpr` (best TPR whose empirical FPR is strictly below the
+    target, no interpolation). An FPR ``f`` is *measurable* only with at least ``min_false_positives / f``
+    non-members (so the threshold rests on at least that many false positives); otherwise the entry says
+    ``"not measurable: needs >= N non-members"`` and gives no value — at 0.1 % FPR with 150 non-members the
+    number would be the TPR at zero false positives. The interval is exact for the TPR *at that threshold*
+    (members are binomial given the threshold); it does not include the threshold's own uncertainty, which
+    ``achieved_fpr``'s interval shows. JSON-ready, keyed by ``f"{f:g}"``.
+    """
+    y, s = _membership_inputs(member, scores)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    f, t, thr = roc_curve(y, s, drop_intermediate=False)
+    out: dict[str, dict[str, Any]] = {}
+    for target in fprs:
+        if not 0 < target < 1:
+            raise InputError(f"fprs must lie in (0, 1), got {target}")
+        needs = math.ceil(min_false_positives / target - 1e-9)
+        row: dict[str, Any] = {"fpr": float(target), "n_members": n_pos, "n_nonmembers": n_neg,
+                               "needs_nonmembers": needs, "method": "step rule (no interpolation), Clopper-Pearson",
+                               "measurable": n_neg >= needs}
+        if n_neg < needs:
+            row.update(value=None, ci=None, note=f"not measurable: needs >= {needs} non-members, has {n_neg}")
+        else:
+            below = np.flatnonzero(f < target)
+            best = int(below[np.argmax(t[below])])
+            tp, fp = round(t[best] * n_pos), round(f[best] * n_neg)
+            row.update(value=float(t[best]), ci=clopper_pearson(tp, n_pos, ci), threshold=float(thr[best]),
+                       achieved_fpr=float(f[best]), achieved_fpr_ci=clopper_pearson(fp, n_neg, ci), note=None)
+        out[f"{target:g}"] = row
+    return out
+
+
+def paired_bootstrap(member: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, *,
+                     fprs: Sequence[float] = DEFAULT_FPRS, n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95,
+                     tpr_method: Literal["lira", "interp"] = "lira") -> dict[str, dict[str, Any]]:
+    """Paired bootstrap of ``b - a`` for AUC and TPR at ``fprs``: two attacks' scores on the **same** samples.
+
+    Each replicate resamples the samples once (stratified: members and non-members separately) and scores
+    both attacks on that resample, so the interval of the difference accounts for the correlation between
+    them; two unpaired intervals that overlap say nothing about the difference. Per metric: ``a``, ``b``,
+    ``difference``, its percentile ``ci``, a two-sided bootstrap ``p_value`` (twice the share of replicate
+    differences on the other side of 0) and ``significant`` (the interval excludes 0).
+    """
+    y, sa = _membership_inputs(member, scores_a)
+    _, sb = _membership_inputs(member, scores_b)
+    if n_bootstrap < 1:
+        raise InputError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    if not 0 < ci < 1:
+        raise InputError(f"ci must lie in (0, 1), got {ci}")
+    fprs = tuple(float(f) for f in fprs)
+    roc_a, roc_b = _SortedROC(y, sa), _SortedROC(y, sb)
+
+    def metrics(roc: _SortedROC, w: np.ndarray) -> dict[str, np.ndarray]:
+        fpr, tpr = roc.rates(w[:, roc.order])
+        out = {"auc": np.trapezoid(tpr, fpr, axis=1)}
+        out.update({f"tpr@{f:g}": _tpr_at(fpr, tpr, f, tpr_method) for f in fprs})
+        return out
+
+    ones = np.ones((1, len(y)))
+    point_a, point_b = metrics(roc_a, ones), metrics(roc_b, ones)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // len(y))
+    diffs: dict[str, list[np.ndarray]] = {k: [] for k in point_a}
+    for start in range(0, n_bootstrap, chunk):
+        w = _stratified_weights(rng, y, min(chunk, n_bootstrap - start))
+        ma, mb = metrics(roc_a, w), metrics(roc_b, w)
+        for k in diffs:
+            diffs[k].append(mb[k] - ma[k])
+    alpha = (1 - ci) / 2
+    result: dict[str, dict[str, Any]] = {}
+    for k, parts in diffs.items():
+        d = np.concatenate(parts)
+        lo, hi = np.quantile(d, [alpha, 1 - alpha])
+        diff = float(point_b[k][0] - point_a[k][0])
+        p = 2 * min(float((d <= 0).mean()), float((d >= 0).mean()))
+        result[k] = {"a": float(point_a[k][0]), "b": float(point_b[k][0]), "difference": diff,
+                     "ci": [float(lo), float(hi)], "p_value": min(1.0, p), "significant": bool(lo > 0 or hi < 0)}
+    result["bootstrap"] = {"replicates": n_bootstrap, "seed": seed, "ci": ci, "method": "paired, stratified",
+                           "difference": "b - a"}
+    return result
+
+
+def significance_statement(metrics: dict[str, Any]) -> str:
+    """One sentence saying whether an :func:`attack_metrics` result shows leakage (its AUC interval vs 0.5)."""
+    auc = metrics["auc"]
+    if auc.get("ci") is None:
+        return f"AUC {auc['value']:.3f} has no interval (no bootstrap): significance unknown"
+    lo, hi = auc["ci"]
+    if lo <= 0.5 <= hi:
+        return f"no significant leakage: AUC {auc['value']:.3f} [{lo:.3f}, {hi:.3f}] includes 0.5"
+    side = "above" if lo > 0.5 else "below"
+    return f"significant: AUC {auc['value']:.3f} [{lo:.3f}, {hi:.3f}] lies {side} 0.5"
+
+
 def exit_stealing_metrics(true_exit: np.ndarray, pred_exit: np.ndarray, num_exits: int) -> dict[str, Any]:
     """Accuracy, confusion matrix (rows: true exit, columns: predicted) and per-exit recall of stolen exits.
 
@@ -287,21 +408,96 @@ def js_divergence(a: np.ndarray, b: np.ndarray, bins: int | np.ndarray = 50,
     return float(jensenshannon(pa, pb, base=2) ** 2)
 
 
-def js_divergence_per_exit(loss: np.ndarray, member: np.ndarray, exit_index: np.ndarray, num_exits: int,
-                           bins: int | np.ndarray = 50) -> np.ndarray:
-    """JS divergence of member vs non-member loss per exit (paper Fig. 9), shape (num_exits,).
+LOG_LOSS_FLOOR = 1e-6  # losses below this (float32 round-off of p = 1) are one value on the log scale
 
-    The bins are common to all exits (computed once over every loss), so values are comparable across
-    exits. NaN for an exit without members or without non-members.
+
+def log_loss(loss: np.ndarray) -> np.ndarray:
+    """``log(max(loss, 1e-6))``: members' losses of 1e-4 and non-members' of 1e-2 differ by a lot on this scale.
+
+    Cross-entropies span [0, ~9] with most members within 1e-3 of 0, so linear bins over the raw range put
+    them all in the first bin and the JS divergence collapses to 0 (issue 11); the log scale spreads them.
     """
+    return np.log(np.maximum(np.asarray(loss, dtype=np.float64), LOG_LOSS_FLOOR))
+
+
+def _per_exit_inputs(loss: np.ndarray, member: np.ndarray, exit_index: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(loss float64, member bool, exit int64)``, checked to be 1-D of one length."""
     loss = np.asarray(loss, dtype=np.float64)
     m = np.asarray(member).astype(bool)
     e = np.asarray(exit_index, dtype=np.int64)
     if not (loss.shape == m.shape == e.shape) or loss.ndim != 1:
         raise InputError(f"loss, member and exit_index must be 1-D of equal length, got {loss.shape}, {m.shape}, "
                          f"{e.shape}")
-    edges = np.histogram_bin_edges(loss, bins=bins) if np.ndim(bins) == 0 else np.asarray(bins, dtype=np.float64)
-    return np.array([js_divergence(loss[(e == k) & m], loss[(e == k) & ~m], edges) for k in range(num_exits)])
+    return loss, m, e
+
+
+def js_divergence_per_exit(loss: np.ndarray, member: np.ndarray, exit_index: np.ndarray, num_exits: int,
+                           bins: int | np.ndarray = 50) -> np.ndarray:
+    """JS divergence of member vs non-member **log-loss** per exit (paper Fig. 9), shape (num_exits,).
+
+    The bins (``bins`` equal bins over the pooled log-loss, or explicit edges on the log scale) are common to
+    all exits, so values are comparable across exits. NaN for an exit without members or without
+    non-members. A bare value depends on the per-exit sample counts (a finite-sample histogram JS is biased
+    upwards): report :func:`per_exit_js`, which adds a permutation baseline and a minimum count.
+    """
+    loss, m, e = _per_exit_inputs(loss, member, exit_index)
+    v = log_loss(loss)
+    edges = np.histogram_bin_edges(v, bins=bins) if np.ndim(bins) == 0 else np.asarray(bins, dtype=np.float64)
+    return np.array([js_divergence(v[(e == k) & m], v[(e == k) & ~m], edges) for k in range(num_exits)])
+
+
+def _js_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """JS divergence (base 2) between the count histograms in the rows of ``p`` and ``q`` (B, bins)."""
+    return jensenshannon(p, q, base=2, axis=1) ** 2
+
+
+def per_exit_js(loss: np.ndarray, member: np.ndarray, exit_index: np.ndarray, num_exits: int, *,
+                bins: int = 10, min_count: int = 20, n_permutations: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+    """Per-exit member vs non-member divergence of the loss, each with its count and a permutation baseline.
+
+    Estimator: JS divergence (base 2) between the histograms of members' and non-members' log-loss in
+    ``bins`` equal-mass bins of that exit's pooled log-losses. Equal-mass bins make the value depend only on
+    the ranks (no collapse whatever the scale of the losses). A histogram JS of two samples of the *same*
+    distribution is not 0 (about ``(bins - 1) / (2 n ln 2)``-sized), so each exit also gets the
+    distribution of the same statistic with member/non-member labels shuffled within the exit
+    (``n_permutations``, seeded): ``baseline_mean``, ``baseline_q95`` and the permutation ``p_value``;
+    ``excess = js - baseline_mean``. An exit with fewer than ``min_count`` members or non-members gets
+    ``js = None`` and a note: its divergence is not reported. JSON-ready list, one dict per exit.
+    """
+    loss, m, e = _per_exit_inputs(loss, member, exit_index)
+    if bins < 2 or min_count < 1 or n_permutations < 1:
+        raise InputError(f"need bins >= 2, min_count >= 1 and n_permutations >= 1, got {bins}, {min_count}, "
+                         f"{n_permutations}")
+    rng = np.random.default_rng(seed)
+    v = log_loss(loss)
+    out: list[dict[str, Any]] = []
+    for k in range(num_exits):
+        sel = e == k
+        lab = m[sel]
+        n_mem, n_non = int(lab.sum()), int((~lab).sum())
+        row: dict[str, Any] = {"exit": k, "n_members": n_mem, "n_nonmembers": n_non, "js": None,
+                               "baseline_mean": None, "baseline_q95": None, "p_value": None, "excess": None,
+                               "estimator": f"JS (base 2) of log-loss in {bins} equal-mass bins", "note": None}
+        if min(n_mem, n_non) < min_count:
+            row["note"] = (f"not reported: {n_mem} members and {n_non} non-members left here "
+                           f"(needs >= {min_count} of each)")
+            out.append(row)
+            continue
+        x = v[sel]
+        edges = np.unique(np.quantile(x, np.linspace(0, 1, bins + 1)))
+        idx = np.searchsorted(edges[1:-1], x, side="right")  # bin of each sample; ties stay together
+        onehot = np.eye(max(len(edges) - 1, 1))[idx]  # (n, bins)
+        total = onehot.sum(axis=0)
+        labels = np.vstack([lab, rng.permuted(np.tile(lab, (n_permutations, 1)), axis=1)]).astype(np.float64)
+        mem_counts = labels @ onehot  # (1 + P, bins): row 0 observed, the rest shuffled within this exit
+        js = _js_rows(mem_counts, total - mem_counts)
+        obs, null = float(js[0]), js[1:]
+        row.update(js=obs, baseline_mean=float(null.mean()), baseline_q95=float(np.quantile(null, 0.95)),
+                   p_value=float((1 + (null >= obs - 1e-12).sum()) / (1 + n_permutations)),
+                   excess=float(obs - null.mean()))
+        out.append(row)
+    return out
 
 
 def member_share_per_exit(member: np.ndarray, exit_index: np.ndarray, num_exits: int) -> dict[str, np.ndarray]:

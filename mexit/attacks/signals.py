@@ -12,19 +12,21 @@ read what their adversary is allowed to (``observed_exit`` says what that is).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mexit._io import atomic_path
+from mexit._io import load_npz, save_npz
 from mexit.errors import UserError
 
 SIGNALS_FORMAT = 1
 _ARRAYS = ("member", "true_label", "pred_label", "probs", "loss", "exit_index", "true_exit", "latency_ns",
-           "embedding", "gradient", "label_only_score", "sample_index")
+           "embedding", "gradient", "label_only_score", "sample_index", "reference_score", "reference_in",
+           "reference_exit")
+#: Per-sample, per-reference-model arrays (n, R): what R reference models returned for each queried sample.
+REFERENCE_FIELDS = ("reference_score", "reference_in", "reference_exit")
 
 
 class SignalsError(UserError):
@@ -47,6 +49,11 @@ class Signals:
     ``label_only_score`` (n,) float32 or None: a label-only attack's per-sample perturbation robustness
     (decision-boundary distance for images, random-flip stability for tabular rows), measured by querying.
     ``sample_index`` (n,) int64: indices into the dataset the samples came from.
+    ``reference_score`` (n, R) float32 or None: each of R reference models' logit-scaled confidence in the
+    true class, ``log p_y - log(1 - p_y)`` (LiRA's statistic), for reference-model attacks (LiRA, RMIA).
+    ``reference_in`` (n, R) bool: whether the sample was in reference model r's training set (the adversary
+    trained the references, so this is its knowledge, not ground truth about the target).
+    ``reference_exit`` (n, R) int64 or None: the exit each reference model took (exit-aware variants).
     ``meta``: JSON-serialisable description (target, dataset, num_exits, num_classes, role, seed, repeats…).
     """
 
@@ -64,6 +71,9 @@ class Signals:
     embedding: np.ndarray | None = None
     gradient: np.ndarray | None = None
     label_only_score: np.ndarray | None = None
+    reference_score: np.ndarray | None = None
+    reference_in: np.ndarray | None = None
+    reference_exit: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,10 +84,13 @@ class Signals:
                 raise SignalsError(f"signals array {name!r} has {len(arr)} rows but there are {n} samples")
         if self.probs is not None and self.probs.shape[1] != self.num_classes:
             raise SignalsError(f"probs have {self.probs.shape[1]} columns but num_classes is {self.num_classes}")
-        for name in ("exit_index", "true_exit"):
+        for name in ("exit_index", "true_exit", "reference_exit"):
             arr = getattr(self, name)
-            if arr is not None and len(arr) and (arr.min() < 0 or arr.max() >= self.num_exits):
+            if arr is not None and arr.size and (arr.min() < 0 or arr.max() >= self.num_exits):
                 raise SignalsError(f"{name} values must lie in 0..{self.num_exits - 1}")
+        shapes = {name: getattr(self, name).shape for name in REFERENCE_FIELDS if getattr(self, name) is not None}
+        if len(set(shapes.values())) > 1 or any(len(sh) != 2 for sh in shapes.values()):
+            raise SignalsError(f"reference arrays must all be (samples, references), got {shapes}")
 
     def __len__(self) -> int:
         return len(self.member)
@@ -92,7 +105,7 @@ class Signals:
         """Per-sample minimum over repeats: the most robust single latency against queueing noise."""
         if self.latency_ns is None:
             raise SignalsError("these signals hold no latencies; collect them with repeats >= 1")
-        return self.latency_ns.min(axis=1)
+        return np.nanmin(self.latency_ns, axis=1)  # adaptive querying pads unmade repeats with NaN
 
     def with_exits(self, exits: np.ndarray, source: str) -> Signals:
         """A copy whose observed ``exit_index`` is ``exits`` (e.g. stolen from latency), noting the source."""
@@ -111,8 +124,7 @@ class Signals:
         arrays = {name: getattr(self, name) for name in _ARRAYS if getattr(self, name) is not None}
         header = {"format": SIGNALS_FORMAT, "num_exits": self.num_exits, "num_classes": self.num_classes,
                   "meta": self.meta}
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, header=np.array(json.dumps(header)), **arrays)
+        save_npz(path, arrays, header)
 
     @classmethod
     def load(cls, path: str | Path) -> Signals:
@@ -120,10 +132,8 @@ class Signals:
         if not path.exists():
             raise SignalsError(f"signals file {path} does not exist; collect it with mexit attack first")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(str(data["header"]))
-                arrays = {name: data[name] for name in _ARRAYS if name in data.files}
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            header, arrays = load_npz(path, _ARRAYS)
+        except ValueError as exc:
             raise SignalsError(f"{path} is not a mexit signals file ({exc}); re-collect it") from None
         if header.get("format") != SIGNALS_FORMAT:
             raise SignalsError(f"{path} has signals format {header.get('format')}, this mexit reads {SIGNALS_FORMAT}")
@@ -138,7 +148,8 @@ class Signals:
             raise SignalsError(f"{what} disagree on the number of exits ({self.num_exits} vs {other.num_exits})")
         mine = {f.name for f in fields(self) if f.name in _ARRAYS and getattr(self, f.name) is not None}
         theirs = {f.name for f in fields(other) if f.name in _ARRAYS and getattr(other, f.name) is not None}
-        missing = (mine ^ theirs) - {"true_exit", "latency_ns", "embedding", "gradient", "label_only_score"}
+        missing = (mine ^ theirs) - {"true_exit", "latency_ns", "embedding", "gradient", "label_only_score",
+                                     *REFERENCE_FIELDS}
         if missing:
             raise SignalsError(f"{what} record different fields: {', '.join(sorted(missing))}")
 

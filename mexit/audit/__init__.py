@@ -8,8 +8,9 @@ or Ray and aggregates them into one table.
 """
 
 from mexit.audit.config import AuditConfig, default_config, load_config, make_audit_config
-from mexit.audit.pipeline import SCHEMA, load_results, run_audit
+from mexit.audit.pipeline import run_audit
 from mexit.audit.report import build_report, summary_table
+from mexit.audit.results import SCHEMA, load_results
 from mexit.audit.sweep import run_sweep
 
 __all__ = [

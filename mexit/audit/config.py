@@ -8,10 +8,13 @@ sections mirror the pipeline::
     [target]      arch, exits, epochs, lr, batch_size, optimizer, weighting, limit, threshold, tolerance
     [shadow]      arch (default: the target's), exits, data ("same-distribution" or a dataset name), data_root
     [vanilla]     attack (also attack the 1-exit baseline, which is always trained)
-    [deployment]  mode ("server" | "in-process"), expose, expose_exit, port, threads, exporter
-    [attacks]     names (registry names), adversaries ([1, 2, 3]), stealer, bootstrap, label_only options
-    [queries]     members, nonmembers, repeats, warmup
-    [timeguard]   sigma_grid_ms, stealing_tolerance, attack_tolerance, key_file
+    [tau_sweep]   enabled, grid (leakage and cost vs τ, the vanilla model as a line)
+    [deployment]  mode ("server" | "in-process"), expose, expose_exit, port, threads, exporter, backend
+    [attacks]     names (registry names), adversaries ([1, 2, 3]), stealer, bootstrap, label_only options,
+                  reference_models (LiRA/RMIA; 0 = the shadow as the one OUT reference), reference_workers
+    [queries]     members, nonmembers, repeats, warmup, query_budget (adaptive querying of the target)
+    [timeguard]   sigma_grid_ms, oracle_tolerance, gain_tolerance, key_file, confirm_live
+    [[defenses]]  name (a registered defense: padding, optimal, timeguard, …), params — each evaluated offline
 
 Every model forbids unknown keys and checks ranges; cross-field rules (an architecture that cannot take
 the dataset, an attack the deployment does not expose enough for, Adversary 3 without a different shadow)
@@ -117,6 +120,24 @@ class VanillaSection(_Section):
     attack: bool = True
 
 
+class TauSweepSection(_Section):
+    """Leakage and cost as functions of τ (in-process, exits exposed), with the vanilla model as a line.
+
+    Whether a multi-exit model leaks less than its vanilla backbone (the paper's question) depends on τ; the
+    sweep answers it for every τ the owner could have chosen.
+    """
+
+    enabled: bool = True
+    grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 <= t <= 1 for t in v):
+            raise ValueError(f"give thresholds in [0, 1], got {v}")
+        return sorted(set(float(t) for t in v))
+
+
 class DeploymentSection(_Section):
     """How the target is deployed for the attacker: a real ``mexit serve`` process, or the runtime in-process."""
 
@@ -126,6 +147,18 @@ class DeploymentSection(_Section):
     port: int = Field(0, ge=0, le=65_535)
     threads: int = Field(1, ge=1, le=512)
     exporter: Literal["auto", "dynamo", "legacy"] = "legacy"
+    backend: str = "onnxruntime"  # a registered runtime backend (mexit.runtime.backend_names())
+
+    @field_validator("backend")
+    @classmethod
+    def _registered_backend(cls, v: str) -> str:
+        from mexit.runtime.registry import backend_spec
+
+        try:
+            backend_spec(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
 class LabelOnlySection(_Section):
@@ -144,9 +177,14 @@ class AttacksSection(_Section):
     names: list[str] = Field(default_factory=lambda: [
         "score", "score-hybrid", "loss", "loss-hybrid", "confidence", "confidence-hybrid", "exit-only"])
     adversaries: list[int] = Field(default_factory=lambda: [1, 2])
-    stealer: Literal["supervised", "kde"] = "supervised"
+    stealer: Literal["chosen", "likelihood", "supervised", "supervised-gbt", "kde", "kde-blind"] = "chosen"
     bootstrap: int = Field(200, ge=0, le=100_000)
     label_only: LabelOnlySection = Field(default_factory=LabelOnlySection)
+    #: Reference models for LiRA/RMIA: 0 uses the shadow model as the one OUT reference for the target's samples
+    #: (offline attacks only, no extra training); N >= 2 trains N models of the target's recipe on random halves
+    #: of a pool holding the queried samples, through the local process pool (``reference_workers`` at once).
+    reference_models: int = Field(0, ge=0, le=1024)
+    reference_workers: int = Field(1, ge=1, le=64)
 
     @field_validator("names")
     @classmethod
@@ -180,22 +218,25 @@ class QueriesSection(_Section):
     nonmembers: int = Field(150, ge=10, le=1_000_000)
     repeats: int = Field(5, ge=1, le=1_000)
     warmup: int = Field(20, ge=0, le=100_000)
+    #: Query the target adaptively with this mean number of queries per sample (the shadow keeps ``repeats``).
+    query_budget: float | None = Field(None, ge=1, le=200)
 
 
 class TimeGuardSection(_Section):
-    """The σ grid evaluated offline, the rule that recommends one σ, and the deployment's secret key.
+    """The timing-defense evaluation: TimeGuard's σ grid, the protection rule, the key, live confirmation.
 
-    Recommended σ: the smallest of the grid from which on (it and every larger σ) every exit stealer's accuracy
-    is within
-    ``stealing_tolerance`` of chance (the share of the most common exit: what guessing achieves) and,
-    when ``attack_tolerance`` is set, the best hybrid attack's balanced accuracy is within it of the best
-    original attack's. ``key_file``: a TimeGuard key (``mexit keygen``); absent, one is generated in the
-    run directory.
+    Every defense — TimeGuard at each σ of ``sigma_grid_ms`` and each ``[[defenses]]`` entry (padding, the
+    optimal schedule, …) — is evaluated offline on the recorded latencies against the strongest adversary
+    (:func:`mexit.audit.defense_eval.evaluate_defenses`). Recommended: the cheapest defense whose oracle stealer
+    and Bayes bound are within ``oracle_tolerance`` of 1/K (balanced accuracy over the exits in use) and whose
+    hybrid membership gain is at most ``gain_tolerance`` AUC with a paired interval reaching 0; it is then
+    served for real and measured again (``confirm_live``). ``key_file``: the deployment's secret key
+    (``mexit keygen``); absent, one is generated in the run directory.
     """
 
-    sigma_grid_ms: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0])
-    stealing_tolerance: float = Field(0.05, ge=0, le=1)
-    attack_tolerance: float | None = Field(0.02, ge=0, le=1)
+    sigma_grid_ms: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 5.0, 10.0, 20.0])
+    oracle_tolerance: float = Field(0.05, ge=0, le=1)
+    gain_tolerance: float = Field(0.01, ge=0, le=1)
     key_file: Path | None = None
     confirm_live: bool = True
 
@@ -209,6 +250,34 @@ class TimeGuardSection(_Section):
         return sorted(set(float(s) for s in v))
 
 
+class DefenseEntry(_Section):
+    """One defense to evaluate: a registered name (:func:`mexit.defense.defense_names`) and its parameters."""
+
+    name: str
+    params: dict[str, float | int | str | None] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _registered(self) -> DefenseEntry:
+        from mexit.defense.registry import parse_defense
+
+        try:
+            parse_defense(self.name, self.params)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def parsed(self) -> Any:
+        """The validated :class:`~mexit.defense.registry.DefenseConfig` (defaults filled in)."""
+        from mexit.defense.registry import parse_defense
+
+        return parse_defense(self.name, self.params)
+
+
+def _default_defenses() -> list[DefenseEntry]:
+    return [DefenseEntry(name="padding"), *(DefenseEntry(name="optimal", params={"epsilon": e})
+                                             for e in (0.0, 0.01, 0.02, 0.05, 0.1))]
+
+
 class AuditConfig(_Section):
     """The whole audit. Construct via :func:`load_config`, :func:`default_config` or :func:`make_audit_config`."""
 
@@ -218,10 +287,13 @@ class AuditConfig(_Section):
     target: TargetSection = Field(default_factory=TargetSection)
     shadow: ShadowSection = Field(default_factory=ShadowSection)
     vanilla: VanillaSection = Field(default_factory=VanillaSection)
+    tau_sweep: TauSweepSection = Field(default_factory=TauSweepSection)
     deployment: DeploymentSection = Field(default_factory=DeploymentSection)
     attacks: AttacksSection = Field(default_factory=AttacksSection)
     queries: QueriesSection = Field(default_factory=QueriesSection)
     timeguard: TimeGuardSection = Field(default_factory=TimeGuardSection)
+    #: Defenses evaluated beside TimeGuard's σ grid (``[[defenses]]`` tables: name and params).
+    defenses: list[DefenseEntry] = Field(default_factory=_default_defenses)
 
     @model_validator(mode="after")
     def _cross_field(self) -> AuditConfig:
@@ -312,6 +384,12 @@ def _cross_checks(cfg: AuditConfig) -> None:
     if white_box and cfg.attacks.adversaries == [3]:
         raise _CrossFieldError("attacks.names", f"{', '.join(white_box)} are white-box attacks (they need the "
                                                 "target model), which adversary 3 does not have")
+    online = [n for n in cfg.attacks.names if "reference_in" in ATTACKS[n].requires and "online" in n]
+    if online and cfg.attacks.reference_models < 2:
+        raise _CrossFieldError("attacks.reference_models", f"{', '.join(online)} need reference models that trained "
+                                                           "on the queried samples: set attacks.reference_models to "
+                                                           "at least 2 (16 or more for stable results), or use the "
+                                                           "offline attacks")
     if cfg.queries.members + cfg.queries.nonmembers < 40:
         raise _CrossFieldError("queries.members", "query at least 40 samples in all (members + non-members): "
                                                   "attacks hold out part of the shadow samples for model selection")

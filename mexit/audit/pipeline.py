@@ -7,12 +7,13 @@ Stages (each a folder ``RUN_DIR/<stage>-<key>/``, see :mod:`mexit.audit.store`):
     export-<role>         verified ONNX bundles, with the deployed threshold
     collect-<role>        deploy (server or in-process), query members and non-members with repeats:
                           signals.npz (what the attacker sees) and owner.npz (the owner's view: exits, losses)
-    steal                 exits stolen from the target's latencies: KDE and shadow-trained supervised
-    attacks               original and hybrid attacks per adversary; the vanilla baseline
-    timeguard             TimeGuard over the σ grid and constant-time padding, offline; the recommended σ
-    timeguard-live        the recommended σ served for real next to a fresh undefended recording, exits stolen again
+    tau-sweep             leakage and cost vs the early-exit threshold τ, the vanilla model as a line
+    steal                 exits stolen from the target's latencies by every stealer; adversary 2's CV choice
+    attacks               original and hybrid attacks per adversary (the attack flow); the vanilla baseline
+    defenses              every defense (TimeGuard σ grid, [[defenses]]) offline against the strongest adversary
+    defense-live          the recommended defense served for real next to a fresh undefended recording
 
-then ``results.json`` (schema ``mexit.audit/1``) and ``report.html``. Roles: ``target`` and ``shadow``
+then ``results.json`` (schema :data:`mexit.audit.results.SCHEMA`) and ``report.html``. Roles: ``target`` and ``shadow``
 (same architecture, same distribution: adversaries 1 and 2), ``shadow3`` (another architecture or
 dataset: adversary 3), ``vanilla-target`` and ``vanilla-shadow`` (1 exit, in-process, no timing).
 
@@ -23,7 +24,6 @@ anything is touched.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -34,61 +34,36 @@ from typing import Any
 import numpy as np
 
 from mexit._io import atomic_write_json, provenance
+from mexit.attacks.adversaries import evaluate_vanilla, shadow_view
 from mexit.attacks.collect import collect_signals
-from mexit.attacks.metrics import exit_stealing_metrics, js_divergence_per_exit, member_share_per_exit
-from mexit.attacks.signals import Signals, cross_entropy
-from mexit.attacks.suite import (
+from mexit.attacks.flow import (
+    RECORDERS,
     STEALING_VERSION,
-    evaluate_adversaries,
-    evaluate_vanilla,
-    run_attack,
-    shadow_view,
-    steal,
+    AttackPlan,
+    LabelOnlyOptions,
+    QuerySet,
+    StealingResult,
+    adaptive_plan,
+    collect,
+    evaluate,
+    label_only_kind,
+    leakage_summary,
+    steal_exits,
 )
+from mexit.attacks.signals import Signals, cross_entropy
 from mexit.audit.config import AuditConfig, load_config, make_audit_config
-from mexit.audit.defense_eval import (
-    chance_accuracy,
-    clean_times,
-    latencies_s,
-    live_confirmation,
-    timeguard_frontier,
-)
-from mexit.audit.deploy import NamedClient, check_port_free, deployed
+from mexit.audit.results import AUDIT_FILE, RESULTS_FILE, SCHEMA, check_run_dir
 from mexit.audit.store import StageResult, StageStore
 from mexit.data import Dataset, Splits, load_dataset, make_splits
 from mexit.errors import ConfigError, UserError
+from mexit.serve.deploy import NamedClient, check_port_free, deployed
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "mexit.audit/1"
-AUDIT_FILE = "audit.json"
-RESULTS_FILE = "results.json"
-REPORT_FILE = "report.html"
 TARGET_KEY_FILE = "timeguard.key"
 SHADOW_KEY_FILE = "shadow-timeguard.key"
 
 _TARGET_ROLES = ("target", "vanilla-target")
-
-
-# ------------------------------------------------------------------------------------- run directory
-def check_run_dir(out_dir: Path) -> None:
-    """Refuse a directory that is not an audit run of this schema (before anything is written)."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file; choose a directory for --out")
-    marker = out_dir / AUDIT_FILE
-    if not marker.exists():
-        if any(out_dir.iterdir()):
-            raise UserError(f"{out_dir} exists and is not a mexit audit directory; choose another --out")
-        return
-    try:
-        record = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{marker} is unreadable; choose another --out or delete {out_dir}") from None
-    if record.get("schema") != SCHEMA:
-        raise UserError(f"{out_dir} was written by an incompatible mexit (schema {record.get('schema')!r}, this "
-                        f"is {SCHEMA!r}); choose another --out, or delete it to start over")
 
 
 def _key_id(key: bytes) -> str:
@@ -144,14 +119,9 @@ class _Audit:
         return roles
 
     def needs_label_only(self) -> bool:
-        from mexit.attacks.mia import ATTACKS
+        from mexit.attacks.mia import signals_needed
 
-        return any("label_only_score" in ATTACKS[n].requires for n in self.cfg.attacks.names)
-
-    def needs_white_box(self) -> bool:
-        from mexit.attacks.mia import ATTACKS
-
-        return any("gradient" in ATTACKS[n].requires for n in self.cfg.attacks.names)
+        return "label_only_score" in signals_needed(self.cfg.attacks.names)
 
     def keys(self) -> tuple[bytes, bytes]:
         """The target deployment's TimeGuard key (config file or generated per run) and the shadow's."""
@@ -196,7 +166,8 @@ def _train_stage(a: _Audit, role: str, spec: dict[str, Any]) -> StageResult:
 
     t = a.cfg.target
     deps = {**spec, "epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size, "optimizer": t.optimizer,
-            "weighting": t.weighting, "limit": t.limit, "tolerance": t.tolerance, "seed": a.cfg.seed}
+            "weighting": t.weighting, "limit": t.limit, "tolerance": t.tolerance, "seed": a.cfg.seed,
+            "init": "seeded-by-role"}  # target and shadow start from different weights (issue 11)
     train_config = make_config(dataset=spec["dataset"], data_root=a.data_root(spec["dataset"]), arch=spec["arch"],
                                exits=spec["exits"], epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
                                optimizer=t.optimizer, weighting=t.weighting, seed=a.cfg.seed, role=spec["role"],
@@ -214,7 +185,8 @@ def _train_stage(a: _Audit, role: str, spec: dict[str, Any]) -> StageResult:
             **spec,
             "per_exit": metrics["per_exit"],
             "final_exit": metrics["final_exit"],
-            "threshold": {k: v for k, v in metrics["threshold"].items() if k != "curve"},
+            "threshold": metrics["threshold"],  # with its τ curve: every run's choice can be checked
+            "deployed": metrics.get("deployed"),
             "split_sizes": metrics["split_sizes"],
             "exit_blocks": metrics.get("exit_blocks"),
             "epochs": len(metrics.get("history", [])),
@@ -224,8 +196,28 @@ def _train_stage(a: _Audit, role: str, spec: dict[str, Any]) -> StageResult:
     return a.store.run(f"train-{role}", deps, fn, resumable=True)
 
 
-def _export_stage(a: _Audit, role: str, train: StageResult) -> StageResult:
+def _tau_choice(a: _Audit, train: StageResult, vanilla: StageResult | None) -> dict[str, Any]:
+    """The τ the paper's rule picks (cheapest τ within tolerance of the vanilla model's validation accuracy).
+
+    Falls back to the run's own final-exit rule for 1-exit models (τ is moot) and when no vanilla model is
+    trained for this dataset; the source is recorded either way.
+    """
+    from mexit.train.threshold import ThresholdSearch, choose_threshold
+
+    search = ThresholdSearch.from_dict(train.result["threshold"])
+    if vanilla is None or train.result["exits"] == 1:
+        return {"tau": search.tau, "rule": search.rule, "vanilla_accuracy": None,
+                "within_tolerance": search.within_tolerance}
+    van = float(vanilla.result["final_exit"]["val_accuracy"])
+    chosen = choose_threshold(search.curve, rule="vanilla", final_accuracy=float(search.final_accuracy),
+                              vanilla_accuracy=van, tolerance=a.cfg.target.tolerance)
+    return {"tau": chosen.tau, "rule": "vanilla", "vanilla_accuracy": van, "accuracy": chosen.accuracy,
+            "flops_fraction": chosen.flops_fraction, "within_tolerance": chosen.within_tolerance}
+
+
+def _export_stage(a: _Audit, role: str, train: StageResult, vanilla: StageResult | None) -> StageResult:
     threshold = a.cfg.target.threshold
+    rule = _tau_choice(a, train, vanilla)
 
     def fn(path: Path) -> dict[str, Any]:
         from mexit.export import export_bundle
@@ -233,179 +225,189 @@ def _export_stage(a: _Audit, role: str, train: StageResult) -> StageResult:
 
         run = load_run(train.path / "run", data_root=a.data_root(train.result["dataset"]))
         val = run.splits.shadow_val if run.config.role == "shadow" else run.splits.target_val
-        tau = float(threshold) if threshold is not None else run.threshold
+        tau = float(threshold) if threshold is not None else float(rule["tau"])
         export_bundle(run.model, path / "bundle", sample_inputs=run.dataset.inputs(val[:64]), threshold=tau,
                       dataset_name=run.dataset.name, dataset_kind=run.dataset.kind,
                       class_names=run.dataset.class_names, exporter=a.cfg.deployment.exporter,
                       save_torch_programs=False, overwrite=True,
                       provenance_extra={"audit_role": role, "train_config": run.config.model_dump(mode="json")})
-        return {"role": role, "threshold": tau, "threshold_source": "config" if threshold is not None else "search",
-                "bundle": "bundle"}
+        return {"role": role, "threshold": tau,
+                "threshold_source": "config" if threshold is not None else f"rule:{rule['rule']}",
+                "tau_rule": rule, "bundle": "bundle"}
 
-    return a.store.run(f"export-{role}", {"train": train.key, "threshold": threshold,
+    return a.store.run(f"export-{role}", {"train": train.key, "threshold": threshold, "tau_rule": rule,
                                           "exporter": a.cfg.deployment.exporter}, fn)
 
 
-def _label_only_kind(ds: Dataset) -> str:
-    """Random flips for binary tabular rows; decision-boundary distance (HopSkipJump) for anything continuous."""
-    if ds.kind == "tabular" and np.isin(ds.x, (0.0, 1.0)).all():
-        return "tabular"
-    return "image"
+def _plan(a: _Audit, ds: Dataset) -> AttackPlan:
+    """The attack plan of this audit: the same object ``mexit attack`` builds from its options."""
+    cfg = a.cfg
+    lo = cfg.attacks.label_only
+    lo_kind = label_only_kind(ds.kind, ds.x)
+    clip = (0.0, 1.0) if ds.kind == "image" else (float(ds.x.min()), float(ds.x.max()))
+    return AttackPlan(attacks=list(cfg.attacks.names), adversaries=list(cfg.attacks.adversaries),
+                      repeats=cfg.queries.repeats, warmup=cfg.queries.warmup, seed=cfg.seed,
+                      bootstrap=cfg.attacks.bootstrap, stealer=cfg.attacks.stealer,
+                      query_budget=cfg.queries.query_budget,
+                      label_only=LabelOnlyOptions(kind=lo_kind, n_noisy=lo.n_noisy, max_iter=lo.max_iter,
+                                                  max_eval=lo.max_eval, init_eval=lo.init_eval,
+                                                  init_size=lo.init_size, clip_values=clip))
 
 
-def _query_set(a: _Audit, ds: Dataset, splits: Splits, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices, labels and membership of the queried samples: the first members/non-members of a split side."""
-    train_part, test_part = (splits.target_train, splits.target_test) if side == "target" else \
+def _query_set(a: _Audit, ds: Dataset, splits: Splits, side: str) -> QuerySet:
+    """The queried samples of one side: drawn seeded from its members and non-members, as ``mexit attack`` does."""
+    members, non = (splits.target_train, splits.target_test) if side == "target" else \
         (splits.shadow_train, splits.shadow_test)
-    idx = np.concatenate([train_part[: a.cfg.queries.members], test_part[: a.cfg.queries.nonmembers]])
-    member = np.r_[np.ones(a.cfg.queries.members, bool), np.zeros(a.cfg.queries.nonmembers, bool)]
-    return idx.astype(np.int64), ds.y[idx], member
+    seed = a.cfg.seed + (0 if side == "target" else 1)
+    return QuerySet.from_split(ds.inputs, ds.y, members, non, a.cfg.queries.members, seed,
+                               n_nonmembers=a.cfg.queries.nonmembers)
 
 
 def _collect_stage(a: _Audit, role: str, spec: dict[str, Any], export: StageResult, train: StageResult,
-                   *, flip_from: StageResult | None = None) -> StageResult:
+                   *, calibrate_from: StageResult | None = None, references: tuple[str, Any] | None = None
+                   ) -> StageResult:
+    """Deploy one role, query it through the attack flow, and keep the owner's view beside the signals."""
     cfg = a.cfg
     vanilla = role.startswith("vanilla")
     mode = "in-process" if vanilla else cfg.deployment.mode
     repeats = 1 if vanilla else cfg.queries.repeats
     warmup = 0 if vanilla else cfg.queries.warmup
-    label_only = a.needs_label_only()
-    white_box = a.needs_white_box()
-    deps = {"export": export.key, "mode": mode, "expose": cfg.deployment.expose,
+    ds0 = a.dataset(spec["dataset"])
+    plan = _plan(a, ds0)
+    recorded = sorted(plan.signals)
+    deps = {"export": export.key, "mode": mode, "expose": cfg.deployment.expose, "backend": cfg.deployment.backend,
             "expose_exit": cfg.deployment.expose_exit, "threads": cfg.deployment.threads,
             "members": cfg.queries.members, "nonmembers": cfg.queries.nonmembers, "repeats": repeats,
-            "warmup": warmup, "seed": cfg.seed, "white_box": white_box,
-            "label_only": cfg.attacks.label_only.model_dump() if label_only else None,
-            "flip_from": flip_from.key if (label_only and flip_from is not None) else None}
+            "warmup": warmup, "seed": cfg.seed, "signals": recorded, "query_rule": "seeded-draw",
+            "query_budget": cfg.queries.query_budget if role == "target" else None,
+            "label_only": cfg.attacks.label_only.model_dump() if "label_only_score" in plan.signals else None,
+            "calibrate_from": calibrate_from.key if calibrate_from is not None else None,
+            "references": None if references is None or "reference_score" not in plan.signals else references[0]}
 
     def fn(path: Path) -> dict[str, Any]:
         from mexit.runtime import EarlyExitRuntime
 
         ds = a.dataset(spec["dataset"])
         splits = Splits.load(train.path / "run" / "splits.npz")
-        idx, y, member = _query_set(a, ds, splits, "shadow" if spec["role"] == "shadow" else "target")
-        x = ds.inputs(idx)
+        q = _query_set(a, ds, splits, "shadow" if spec["role"] == "shadow" else "target")
         bundle = export.path / "bundle"
         owner = EarlyExitRuntime(bundle)
-        extra: dict[str, Any] = {}
+        calibration, adaptive = None, None
+        if calibrate_from is not None:
+            shadow_signals = Signals.load(calibrate_from.path / "signals.npz")
+            calibration = shadow_signals.meta.get("calibration", {})
+            if role == "target":
+                adaptive = adaptive_plan(plan, shadow_signals)
         with deployed(bundle, mode=mode, expose=cfg.deployment.expose, expose_exit=cfg.deployment.expose_exit,
-                      threads=cfg.deployment.threads, port=cfg.deployment.port) as served:
+                      threads=cfg.deployment.threads, port=cfg.deployment.port,
+                      backend=cfg.deployment.backend) as served:
             client = NamedClient(served, role)
-            signals = collect_signals(client, x, y, member, repeats=repeats, warmup=warmup, seed=cfg.seed,
-                                      sample_index=idx, true_exit_runtime=owner,
-                                      meta={"role": role, "endpoint": client.endpoint},
-                                      checkpoint_path=path / "collect.ckpt.npz", progress=a.progress,
-                                      num_exits=owner.num_exits, num_classes=owner.num_classes)
-            if label_only:
-                scores, extra = _label_only_scores(a, client, ds, x, y, member, role, flip_from, owner.num_classes)
-                signals = replace(signals, label_only_score=scores)
-        if white_box:
-            signals = _add_white_box(a, signals, train, export, x, y)
+            signals = collect(client, q, plan, role=role, owner=owner, calibration=calibration,
+                              white_box=_white_box(a, train, export) if "gradient" in plan.signals else None,
+                              checkpoint_path=path / "collect.ckpt.npz", num_exits=owner.num_exits,
+                              num_classes=owner.num_classes, repeats=repeats, warmup=warmup,
+                              meta={"endpoint": client.endpoint}, adaptive=adaptive,
+                              references=None if references is None else references[1](), progress=a.progress)
         signals.save(path / "signals.npz")
-        pred = owner.predict(x)
-        loss = cross_entropy(pred.probs, y)
+        pred = owner.predict(q.x)
+        loss = cross_entropy(pred.probs, q.y)
+        member = q.member
         np.savez(path / "owner.npz", exit_index=pred.exit_index, loss=loss, labels=pred.labels, member=member,
-                 sample_index=idx)
+                 sample_index=q.index)
         (path / "collect.ckpt.npz").unlink(missing_ok=True)
         k = owner.num_exits
         lat = signals.min_latency_ns().astype(np.float64) / 1e6
         return {
             "role": role, "mode": mode, "n": len(signals), "members": int(member.sum()),
             "nonmembers": int((~member).sum()), "repeats": repeats, "num_exits": k,
-            "num_classes": owner.num_classes,
-            "accuracy": float(np.mean(pred.labels == y)),
-            "member_accuracy": float(np.mean(pred.labels[member] == y[member])),
-            "nonmember_accuracy": float(np.mean(pred.labels[~member] == y[~member])),
+            "num_classes": owner.num_classes, "signals": recorded,
+            "accuracy": float(np.mean(pred.labels == q.y)),
+            "member_accuracy": float(np.mean(pred.labels[member] == q.y[member])),
+            "nonmember_accuracy": float(np.mean(pred.labels[~member] == q.y[~member])),
             "exit_counts": {"members": np.bincount(pred.exit_index[member], minlength=k).tolist(),
                             "nonmembers": np.bincount(pred.exit_index[~member], minlength=k).tolist()},
             "median_latency_ms": float(np.median(lat)),
             "inconsistent_samples": int(signals.meta.get("inconsistent_samples", 0)),
             "target": signals.meta.get("target"),
-            **extra,
+            "calibration": signals.meta.get("calibration", {}),
         }
 
     return a.store.run(f"collect-{role}", deps, fn, resumable=True)
 
 
-def _label_only_scores(a: _Audit, client: Any, ds: Dataset, x: np.ndarray, y: np.ndarray, member: np.ndarray,
-                       role: str, flip_from: StageResult | None, num_classes: int) -> tuple[np.ndarray, dict]:
-    from mexit.attacks.mia import choose_flip_probability, collect_label_only_scores
-
-    opts = a.cfg.attacks.label_only
-    kind = _label_only_kind(ds)
-    if kind == "tabular":
-        if flip_from is None:  # a shadow: the adversary picks the flip probability on it
-            choice = choose_flip_probability(client, x, y, member, n_noisy=opts.n_noisy, seed=a.cfg.seed)
-            return choice.shadow_scores, {"label_only": {"kind": "flip", "flip_probability": choice.flip_probability,
-                                                         "auc_by_probability": {str(k): v for k, v in
-                                                                                choice.auc_by_probability.items()}}}
-        p = float(flip_from.result["label_only"]["flip_probability"])
-        scores = collect_label_only_scores(client, x, y, "tabular", seed=a.cfg.seed, flip_probability=p,
-                                           n_noisy=opts.n_noisy)
-        return scores, {"label_only": {"kind": "flip", "flip_probability": p}}
-    lo, hi = (0.0, 1.0) if ds.kind == "image" else (float(ds.x.min()), float(ds.x.max()))
-    scores = collect_label_only_scores(client, x, y, "image", seed=a.cfg.seed, num_classes=num_classes,
-                                       max_iter=opts.max_iter, max_eval=opts.max_eval, init_eval=opts.init_eval,
-                                       init_size=opts.init_size, clip_values=(lo, hi), progress=a.progress)
-    return scores, {"label_only": {"kind": "boundary-distance", "clip_values": [lo, hi]}}
+_COUNTERPART = {"target": "shadow", "shadow": "target", "vanilla-target": "vanilla-shadow",
+                "vanilla-shadow": "vanilla-target"}
 
 
-def _add_white_box(a: _Audit, signals: Signals, train: StageResult, export: StageResult, x: np.ndarray,
-                   y: np.ndarray) -> Signals:
+def _reference_stage(a: _Audit, trains: dict[str, StageResult], exports: dict[str, StageResult]
+                     ) -> StageResult | None:
+    """``attacks.reference_models`` >= 2: reference models of the target's recipe on random halves of a pool of
+    the queried samples, trained through the sweep executor (local pool), cached and resumable."""
+    from mexit.attacks.mia import signals_needed
+
+    cfg = a.cfg
+    n = cfg.attacks.reference_models
+    if n < 2 or "reference_score" not in signals_needed(cfg.attacks.names):
+        return None
+    t = cfg.target
+    deps = {"train": trains["target"].key, "export": exports["target"].key, "n": n, "seed": cfg.seed,
+            "members": cfg.queries.members, "nonmembers": cfg.queries.nonmembers}
+
+    def fn(path: Path) -> dict[str, Any]:
+        from mexit.audit.reference import recipe_of, train_references
+        from mexit.train.runner import load_run
+
+        ds = a.dataset(cfg.dataset.name)
+        splits = Splits.load(trains["target"].path / "run" / "splits.npz")
+        pool = np.concatenate([_query_set(a, ds, splits, side).index for side in ("target", "shadow")])
+        run = load_run(trains["target"].path / "run", data_root=cfg.dataset.data_root)
+        refs = train_references(dataset=cfg.dataset.name, arch=t.arch, exits=t.exits, pool=pool, n_models=n,
+                                out_dir=path / "references", threshold=float(exports["target"].result["threshold"]),
+                                recipe=recipe_of(run.config), seed=cfg.seed, data_root=cfg.dataset.data_root,
+                                workers=cfg.attacks.reference_workers, threads=cfg.threads or 1,
+                                exporter=cfg.deployment.exporter, progress=a.progress)
+        return {"models": len(refs), "pool": len(pool), "dir": "references"}
+
+    return a.store.run("references", deps, fn, resumable=True)
+
+
+def _references_for(a: _Audit, role: str, exports: dict[str, StageResult], refs: StageResult | None
+                    ) -> tuple[str, Any] | None:
+    """(identity for the cache key, a loader of the reference source) for one collected role, or None."""
+    from mexit.attacks.reference import ReferenceSet
+    from mexit.runtime import EarlyExitRuntime
+
+    if refs is not None and role in ("target", "shadow"):
+        return refs.key, lambda: ReferenceSet.load(refs.path / "references")
+    other = _COUNTERPART.get(role)
+    if other is None or other not in exports:
+        return None
+    # single OUT reference: the counterpart model never saw this role's samples (the splits are disjoint)
+    return exports[other].key, lambda: {role: EarlyExitRuntime(exports[other].path / "bundle")}
+
+
+def _white_box(a: _Audit, train: StageResult, export: StageResult) -> Any:
     from mexit.attacks.whitebox import whitebox_signals
     from mexit.train.runner import load_run
 
     run = load_run(train.path / "run", data_root=a.data_root(train.result["dataset"]))
-    wb = whitebox_signals(run.model, x, y, threshold=float(export.result["threshold"]))
-    return replace(signals, embedding=wb["embedding"], gradient=wb["gradient"])
+
+    def features(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        return whitebox_signals(run.model, x, y, threshold=float(export.result["threshold"]))
+
+    return features
 
 
 def _steal_stage(a: _Audit, target: StageResult, shadow: StageResult) -> StageResult:
     def fn(path: Path) -> dict[str, Any]:
         t = Signals.load(target.path / "signals.npz")
         s = Signals.load(shadow.path / "signals.npz")
-        assert t.true_exit is not None and s.true_exit is not None and t.latency_ns is not None
-        k = t.num_exits
-        stolen, fits = steal(t.latency_ns, s.latency_ns, s.true_exit, k, a.cfg.seed)
-        np.savez(path / "stolen.npz", **stolen, true_exit=t.true_exit)
-        return {
-            "num_exits": k,
-            "chance": chance_accuracy(t.true_exit),
-            "kde": {**exit_stealing_metrics(t.true_exit, stolen["kde"], k), "fit": _kde_json(fits["kde"])},
-            "kde_blind": {**exit_stealing_metrics(t.true_exit, stolen["kde-blind"], k),
-                          "fit": _kde_json(fits["kde-blind"])},
-            "supervised": exit_stealing_metrics(t.true_exit, stolen["supervised"], k),
-            "query_planning": _query_planning(t),
-        }
+        result = steal_exits(t, s, seed=a.cfg.seed, stealer=a.cfg.attacks.stealer)
+        result.save(path / "stolen.npz")
+        return result.to_json()
 
     return a.store.run("steal", {"target": target.key, "shadow": shadow.key, "seed": a.cfg.seed,
-                                 "stealing": STEALING_VERSION}, fn)
-
-
-def _kde_json(kde: Any) -> dict[str, Any]:
-    d = kde.describe()
-    d["boundaries_ms"] = [b / 1e6 for b in d.pop("boundaries")]
-    d["modes_ms"] = [m / 1e6 for m in d.pop("modes")]
-    d["centers_ms"] = [c / 1e6 for c in d.pop("centers")]
-    d["bandwidth_ms"] = d.pop("bandwidth") / 1e6 if d.get("bandwidth") is not None else None
-    return d
-
-
-def _query_planning(t: Signals) -> dict[str, Any]:
-    """The paper's Eq. 1 on this deployment: queries per sample to separate the closest adjacent exits."""
-    from mexit.attacks.stealing import plan_queries
-
-    assert t.true_exit is not None
-    lat = latencies_s(t)
-    times = clean_times(lat, t.true_exit, t.num_exits)
-    noise = float(np.median(lat.std(axis=1))) if lat.shape[1] > 1 else float("nan")
-    out: dict[str, Any] = {"clean_times_ms": (times * 1e3).tolist(), "noise_sigma_ms": noise * 1e3}
-    try:
-        out["queries_95"] = plan_queries(times, noise) if np.isfinite(noise) else None
-    except UserError as exc:
-        out["queries_95"] = None
-        out["note"] = str(exc)
-    return out
+                                 "stealer": a.cfg.attacks.stealer, "stealing": STEALING_VERSION}, fn)
 
 
 def _attacks_stage(a: _Audit, collects: dict[str, StageResult], steal_res: StageResult) -> StageResult:
@@ -417,12 +419,11 @@ def _attacks_stage(a: _Audit, collects: dict[str, StageResult], steal_res: Stage
     def fn(path: Path) -> dict[str, Any]:
         _set_threads(a)
         sig = {r: Signals.load(s.path / "signals.npz") for r, s in collects.items()}
-        with np.load(steal_res.path / "stolen.npz") as z:
-            stolen = {name: z[name] for name in z.files if name != "true_exit"}
-        adversaries, scores = evaluate_adversaries(
-            cfg.attacks.names, cfg.attacks.adversaries, target=sig["target"], shadow=sig["shadow"],
-            shadow3=sig.get("shadow3"), stolen=stolen, stealer=cfg.attacks.stealer, seed=cfg.seed,
-            bootstrap=cfg.attacks.bootstrap)
+        stealing = StealingResult.load(steal_res.path / "stolen.npz", num_exits=sig["target"].num_exits,
+                                       chosen=steal_res.result["chosen"])
+        plan = _plan(a, a.dataset(cfg.dataset.name))
+        adversaries, scores = evaluate(plan, target=sig["target"], shadow=sig["shadow"], stealing=stealing,
+                                       shadow3=sig.get("shadow3"))
         vanilla = None
         if "vanilla-shadow" in sig:
             vanilla = evaluate_vanilla(cfg.attacks.names, target=sig["vanilla-target"], shadow=sig["vanilla-shadow"],
@@ -433,6 +434,45 @@ def _attacks_stage(a: _Audit, collects: dict[str, StageResult], steal_res: Stage
     return a.store.run("attacks", deps, fn)
 
 
+def _tau_sweep_stage(a: _Audit, exports: dict[str, StageResult], collects: dict[str, StageResult]) -> StageResult:
+    """Leakage and cost vs τ: both bundles re-deployed in-process at every τ of the grid, exits exposed."""
+    from mexit.attacks.tau_sweep import tau_sweep
+
+    cfg = a.cfg
+    in_process = {"probs", "loss", "exit_index", "pred_label"}
+    from mexit.attacks.mia import ATTACKS
+
+    names = [n for n in cfg.attacks.names if ATTACKS[n].requires <= in_process]
+    deps = {"exports": {r: exports[r].key for r in ("target", "shadow", "vanilla-target", "vanilla-shadow")
+                        if r in exports},
+            "collect": {r: collects[r].key for r in ("target", "shadow")}, "grid": cfg.tau_sweep.grid,
+            "attacks": names, "seed": cfg.seed}
+
+    def fn(path: Path) -> dict[str, Any]:
+        from mexit.runtime import EarlyExitRuntime
+
+        _set_threads(a)
+        ds = a.dataset(cfg.dataset.name)
+
+        def queries(role: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            with np.load(collects[role].path / "owner.npz") as z:
+                idx, member = z["sample_index"], z["member"].astype(bool)
+            return ds.inputs(idx), ds.y[idx], member
+
+        def runtime(role: str) -> Any:
+            return lambda tau: EarlyExitRuntime(exports[role].path / "bundle", threshold=tau)
+
+        vanilla = None
+        if "vanilla-target" in exports and "vanilla-shadow" in exports:
+            vanilla = (EarlyExitRuntime(exports["vanilla-target"].path / "bundle"),
+                       EarlyExitRuntime(exports["vanilla-shadow"].path / "bundle"))
+        return tau_sweep(runtime("target"), runtime("shadow"), queries("target"), queries("shadow"),
+                         grid=cfg.tau_sweep.grid, attacks=names, vanilla=vanilla,
+                         deployed_tau=float(exports["target"].result["threshold"]), seed=cfg.seed)
+
+    return a.store.run("tau-sweep", deps, fn)
+
+
 def _set_threads(a: _Audit) -> None:
     if a.cfg.threads:
         import torch
@@ -440,34 +480,49 @@ def _set_threads(a: _Audit) -> None:
         torch.set_num_threads(a.cfg.threads)
 
 
-def _fit_hybrid(a: _Audit, shadow: Signals, target: Signals) -> tuple[dict[str, Any], float | None]:
-    """Hybrid attacks fitted on the shadow (for re-scoring under a defense), and the best original balanced accuracy."""
+def _fit_for_defenses(a: _Audit, shadow: Signals, target: Signals, steal_res: StageResult
+                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Hybrid attacks fitted as adversary 2 fits them (on the shadow's cross-fitted stolen exits), for re-scoring
+    under each defense, and the original attacks' membership scores on the target (the gain's reference)."""
     from mexit.attacks.mia import ATTACKS, get_attack
 
-    sv = shadow_view(shadow)
+    stealing = StealingResult.load(steal_res.path / "stolen.npz", num_exits=target.num_exits,
+                                   chosen=steal_res.result["chosen"])
+    sv = shadow_view(shadow, stealing.shadow_exits)
     hybrids: dict[str, Any] = {}
-    best_original: float | None = None
+    originals: dict[str, np.ndarray] = {}
     for name in a.cfg.attacks.names:
         try:
+            attack = get_attack(name, seed=a.cfg.seed).fit(sv)
             if ATTACKS[name].hybrid:
-                hybrids[name] = get_attack(name, seed=a.cfg.seed).fit(sv)
+                hybrids[name] = attack
             else:
-                m, _, _ = run_attack(name, sv, target, seed=a.cfg.seed, bootstrap=0)
-                if "error" not in m:
-                    ba = float(m["balanced_accuracy"]["value"])
-                    best_original = ba if best_original is None else max(best_original, ba)
+                originals[name] = np.asarray(attack.score(target), dtype=np.float64)
         except UserError as exc:
-            log.warning("attack %s left out of the TimeGuard evaluation: %s", name, exc)
-    return hybrids, best_original
+            log.warning("attack %s left out of the defense evaluation: %s", name, exc)
+    return hybrids, originals
 
 
-def _timeguard_stage(a: _Audit, target: StageResult, shadow: StageResult) -> tuple[StageResult, dict[str, Any]]:
+def _defense_configs(a: _Audit) -> list[Any]:
+    """TimeGuard at every σ of the grid, then every ``[[defenses]]`` entry."""
+    from mexit.defense.registry import parse_defense
+
+    return [*(parse_defense("timeguard", {"sigma_ms": s}) for s in a.cfg.timeguard.sigma_grid_ms),
+            *(d.parsed() for d in a.cfg.defenses)]
+
+
+def _defenses_stage(a: _Audit, target: StageResult, shadow: StageResult, steal_res: StageResult
+                    ) -> tuple[StageResult, dict[str, Any]]:
+    from mexit.audit.defense_eval import evaluate_defenses
+
     cfg = a.cfg
     key, shadow_key = a.keys()
-    deps = {"target": target.key, "shadow": shadow.key, "timeguard": cfg.timeguard.model_dump(
-        mode="json", include={"sigma_grid_ms", "stealing_tolerance", "attack_tolerance"}),
-        "attacks": cfg.attacks.names, "stealer": cfg.attacks.stealer, "seed": cfg.seed,
-        "key": _key_id(key), "shadow_key": _key_id(shadow_key), "stealing": STEALING_VERSION}
+    configs = _defense_configs(a)
+    deps = {"target": target.key, "shadow": shadow.key, "steal": steal_res.key,
+            "defenses": [c.to_json() for c in configs],
+            "rule": cfg.timeguard.model_dump(mode="json", include={"oracle_tolerance", "gain_tolerance"}),
+            "attacks": cfg.attacks.names, "stealer": cfg.attacks.stealer, "seed": cfg.seed,
+            "key": _key_id(key), "shadow_key": _key_id(shadow_key), "stealing": STEALING_VERSION}
     cache: dict[str, Any] = {}
 
     def load() -> dict[str, Any]:
@@ -475,55 +530,66 @@ def _timeguard_stage(a: _Audit, target: StageResult, shadow: StageResult) -> tup
             t = Signals.load(target.path / "signals.npz")
             s = Signals.load(shadow.path / "signals.npz")
             ds = a.dataset(cfg.dataset.name)
-            hybrids, best_original = _fit_hybrid(a, s, t)
+            hybrids, originals = _fit_for_defenses(a, s, t, steal_res)
             cache.update(t=t, s=s, x_t=ds.inputs(t.sample_index), x_s=ds.inputs(s.sample_index), kind=ds.kind,
-                         hybrids=hybrids, best_original=best_original)
+                         hybrids=hybrids, originals=originals)
         return cache
 
     def fn(path: Path) -> dict[str, Any]:
         _set_threads(a)
         c = load()
-        return timeguard_frontier(target=c["t"], shadow=c["s"], x_target=c["x_t"], x_shadow=c["x_s"], kind=c["kind"],
-                                  key=key, shadow_key=shadow_key, sigmas_ms=cfg.timeguard.sigma_grid_ms,
-                                  stealer=cfg.attacks.stealer, hybrid_attacks=c["hybrids"],
-                                  best_original_balanced_accuracy=c["best_original"],
-                                  stealing_tolerance=cfg.timeguard.stealing_tolerance,
-                                  attack_tolerance=cfg.timeguard.attack_tolerance, seed=cfg.seed)
+        stealer = steal_res.result["chosen"]
+        return evaluate_defenses(target=c["t"], shadow=c["s"], x_target=c["x_t"], x_shadow=c["x_s"], kind=c["kind"],
+                                 key=key, shadow_key=shadow_key, defenses=configs, hybrid_attacks=c["hybrids"],
+                                 original_scores=c["originals"], stealer=stealer, seed=cfg.seed,
+                                 gain_tolerance=cfg.timeguard.gain_tolerance,
+                                 oracle_tolerance=cfg.timeguard.oracle_tolerance)
 
-    res = a.store.run("timeguard", deps, fn)
-    return res, {"load": load, "key": key, "shadow_key": shadow_key}
+    res = a.store.run("defenses", deps, fn)
+    return res, {"load": load, "key": key, "shadow_key": shadow_key, "stealer": steal_res.result["chosen"]}
 
 
-def _live_stage(a: _Audit, tg: StageResult, tg_ctx: dict[str, Any], export: StageResult, target: StageResult,
-                train: StageResult) -> StageResult:
+def _live_stage(a: _Audit, dres: StageResult, ctx: dict[str, Any], export: StageResult, target: StageResult
+                ) -> StageResult | None:
+    """The recommended defense served for real next to a fresh undefended recording, judged again."""
+    from mexit.audit.defense_eval import live_defense_confirmation
+    from mexit.defense.registry import parse_defense
+
     cfg = a.cfg
-    sigma = float(tg.result["recommended"]["sigma_ms"])
-    deps = {"timeguard": tg.key, "export": export.key, "target": target.key, "mode": cfg.deployment.mode,
-            "expose": cfg.deployment.expose, "threads": cfg.deployment.threads, "sigma_ms": sigma,
-            "reference": "fresh-undefended"}
+    rec = dres.result.get("recommended")
+    if not rec or rec["defense"] == "none":
+        log.info("no defense to confirm live: %s", "none needed" if rec else "no defense met the rule")
+        return None
+    config = parse_defense(rec["defense"], rec["params"])
+    deps = {"defenses": dres.key, "export": export.key, "target": target.key, "mode": cfg.deployment.mode,
+            "expose": cfg.deployment.expose, "threads": cfg.deployment.threads, "backend": cfg.deployment.backend,
+            "defense": config.to_json(), "reference": "fresh-undefended"}
 
     def fn(path: Path) -> dict[str, Any]:
         from mexit.runtime import EarlyExitRuntime
 
         _set_threads(a)
-        c = tg_ctx["load"]()
+        c = ctx["load"]()
         base: Signals = c["t"]
         ds = a.dataset(cfg.dataset.name)
         x = ds.inputs(base.sample_index)
         owner = EarlyExitRuntime(export.path / "bundle")
 
-        def record(role: str, sigma_ms: float | None) -> Signals:
-            """Serve the target (guarded when ``sigma_ms``) and record it; resumable per role."""
+        def record(role: str, guarded: bool) -> Signals:
+            """Serve the target (guarded or not) and record it; resumable per role."""
             out_file = path / f"{role}.npz"
             if out_file.exists():
                 return Signals.load(out_file)
             with deployed(export.path / "bundle", mode=cfg.deployment.mode, expose=cfg.deployment.expose,
                           expose_exit=False, threads=cfg.deployment.threads, port=cfg.deployment.port,
-                          sigma_ms=sigma_ms, key_file=a.target_key_file() if sigma_ms else None) as served:
+                          backend=cfg.deployment.backend, defense=config.name if guarded else None,
+                          defense_params=config.params if guarded else None,
+                          key_file=a.target_key_file() if guarded else None) as served:
                 sig = collect_signals(NamedClient(served, f"target-{role}"), x, base.true_label, base.member,
                                       repeats=cfg.queries.repeats, warmup=cfg.queries.warmup, seed=cfg.seed,
                                       sample_index=base.sample_index, true_exit_runtime=owner,
-                                      meta={"role": f"target-{role}", "sigma_ms": sigma_ms},
+                                      meta={"role": f"target-{role}", "defense": config.to_json() if guarded
+                                            else None},
                                       checkpoint_path=path / f"{role}.ckpt.npz", progress=a.progress,
                                       num_exits=owner.num_exits, num_classes=owner.num_classes)
             sig.save(out_file)
@@ -532,18 +598,19 @@ def _live_stage(a: _Audit, tg: StageResult, tg_ctx: dict[str, Any], export: Stag
 
         # The cost is measured against a fresh undefended recording made now, under the same machine load,
         # not against the audit's first recording (minutes earlier, possibly under other load).
-        reference = record("undefended", None)
-        live = record("timeguard", sigma)
-        # TimeGuard changes when answers arrive, not what they are: label-only robustness and white-box
-        # features measured on the undefended deployment still hold.
-        live = replace(live, label_only_score=base.label_only_score, embedding=base.embedding, gradient=base.gradient)
+        reference = record("undefended", False)
+        live = record("defended", True)
+        # A timing defense changes when answers arrive, not what they are: every recorded signal other than
+        # time (label-only robustness, white-box features, reference models' answers) still holds.
+        live = replace(live, **{name: getattr(base, name) for name in RECORDERS})
         live.save(path / "signals.npz")
-        return live_confirmation(live=live, baseline=reference, shadow=c["s"], x_shadow=c["x_s"], kind=c["kind"],
-                                 shadow_key=tg_ctx["shadow_key"], sigma_ms=sigma, stealer=cfg.attacks.stealer,
-                                 hybrid_attacks=c["hybrids"], offline_row=tg.result["recommended"]["row"],
-                                 seed=cfg.seed)
+        row = next((r for r in dres.result["rows"] if r["label"] == rec["label"]), None)
+        return live_defense_confirmation(live=live, baseline=reference, shadow=c["s"], x_shadow=c["x_s"],
+                                         kind=c["kind"], shadow_key=ctx["shadow_key"], config=config,
+                                         stealer=ctx["stealer"], hybrid_attacks=c["hybrids"],
+                                         original_scores=c["originals"], offline_row=row, seed=cfg.seed)
 
-    return a.store.run("timeguard-live", deps, fn, resumable=True)
+    return a.store.run("defense-live", deps, fn, resumable=True)
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -552,16 +619,10 @@ def _leakage(a: _Audit, collect: StageResult, train: StageResult) -> dict[str, A
     with np.load(collect.path / "owner.npz") as z:
         exits, loss, member = z["exit_index"], z["loss"], z["member"].astype(bool)
     k = int(collect.result["num_exits"])
-    share = member_share_per_exit(member, exits, k)
-    js = js_divergence_per_exit(loss, member, exits, k)
+    out = leakage_summary(member, exits, k, loss)
     per_exit = train.result["per_exit"]
-    return {
-        "exit_distribution": {"members": share["members"].tolist(), "nonmembers": share["nonmembers"].tolist(),
-                              "member_share": [None if np.isnan(v) else float(v) for v in share["member_share"]]},
-        "loss_js_divergence": [None if np.isnan(v) else float(v) for v in js],
-        "mean_loss": {"members": float(loss[member].mean()), "nonmembers": float(loss[~member].mean())},
-        "mean_flops_fraction": float(np.mean([per_exit[e]["flops_fraction"] for e in exits])),
-    }
+    out["mean_flops_fraction"] = float(np.mean([per_exit[e]["flops_fraction"] for e in exits]))
+    return out
 
 
 def _models_section(trains: dict[str, StageResult], exports: dict[str, StageResult],
@@ -572,6 +633,8 @@ def _models_section(trains: dict[str, StageResult], exports: dict[str, StageResu
                                            "split_sizes", "exit_blocks")}
         entry["deployed_threshold"] = exports[role].result["threshold"] if role in exports else None
         entry["threshold_source"] = exports[role].result.get("threshold_source") if role in exports else None
+        entry["tau_rule"] = exports[role].result.get("tau_rule") if role in exports else None
+        entry["deployed_validation"] = tr.result.get("deployed")
         if role in collects:
             c = collects[role].result
             entry["deployment"] = {k: c.get(k) for k in ("mode", "accuracy", "member_accuracy", "nonmember_accuracy",
@@ -583,6 +646,7 @@ def _models_section(trains: dict[str, StageResult], exports: dict[str, StageResu
 
 def _assemble(a: _Audit, *, trains: dict[str, StageResult], exports: dict[str, StageResult],
               collects: dict[str, StageResult], steal_res: StageResult, attacks: StageResult,
+              sweep: StageResult | None,
               tg: StageResult, live: StageResult | None, wall: float) -> dict[str, Any]:
     cfg = a.cfg
     out = a.out
@@ -598,7 +662,8 @@ def _assemble(a: _Audit, *, trains: dict[str, StageResult], exports: dict[str, S
         "stealing": steal_res.result,
         "adversaries": attacks.result["adversaries"],
         "vanilla": attacks.result["vanilla"],
-        "timeguard": tg.result,
+        "tau_sweep": sweep.result if sweep is not None else None,
+        "defenses": tg.result,
         "live": live.result if live is not None else None,
         "timings": {name: {"seconds": r.seconds, "cached": r.cached, "dir": r.path.name}
                     for name, r in a.store.results.items()},
@@ -628,7 +693,8 @@ def _check_environment(a: _Audit) -> None:
     a.dataset(a.cfg.dataset.name)
     if 3 in a.cfg.attacks.adversaries:
         a.dataset(a.cfg.shadow_dataset)
-    if a.needs_label_only() and _label_only_kind(a.dataset(a.cfg.dataset.name)) == "image":
+    ds = a.dataset(a.cfg.dataset.name)
+    if a.needs_label_only() and label_only_kind(ds.kind, ds.x) == "image":
         try:
             import art  # noqa: F401
         except ImportError:
@@ -657,8 +723,8 @@ def run_audit(config: AuditConfig | Mapping[str, Any] | str | Path | None, out_d
                                          "provenance": provenance()})
     start = time.perf_counter()
     roles = a.roles()
-    n_stages = 1 + len(roles) * 3 + 4 + (1 if 3 in cfg.attacks.adversaries and cfg.shadow.data != "same-distribution"
-                                         else 0)
+    transfer_split = 3 in cfg.attacks.adversaries and cfg.shadow.data != "same-distribution"
+    n_stages = 1 + len(roles) * 3 + 4 + int(cfg.tau_sweep.enabled) + int(transfer_split)
     from tqdm.auto import tqdm
 
     a._bar = tqdm(total=n_stages, desc="audit", unit="stage", disable=not progress, leave=False)
@@ -667,48 +733,38 @@ def run_audit(config: AuditConfig | Mapping[str, Any] | str | Path | None, out_d
         if cfg.shadow_dataset != cfg.dataset.name and 3 in cfg.attacks.adversaries:
             _splits_stage(a, cfg.shadow_dataset)
         trains = {role: _train_stage(a, role, spec) for role, spec in roles.items()}
-        exports = {role: _export_stage(a, role, trains[role]) for role in roles}
+        # the paper's τ rule: each multi-exit model against its own side's vanilla model (the target's when the
+        # adversary trains none); adversary 3's shadow on other data has no vanilla and keeps its own rule
+        vanilla_of = {"target": trains.get("vanilla-target"),
+                      "shadow": trains.get("vanilla-shadow") or trains.get("vanilla-target"),
+                      "shadow3": None}
+        exports = {role: _export_stage(a, role, trains[role], vanilla_of.get(role)) for role in roles}
+        refs = _reference_stage(a, trains, exports)
         collects: dict[str, StageResult] = {}
         for role in ("shadow", "target", "shadow3", "vanilla-shadow", "vanilla-target"):
             if role not in roles or (role == "vanilla-target" and not cfg.vanilla.attack):
                 continue  # the vanilla baseline is only queried when it is attacked
-            flip_from = None
-            if role in _TARGET_ROLES:
-                flip_from = collects.get("shadow" if role == "target" else "vanilla-shadow")
-            collects[role] = _collect_stage(a, role, roles[role], exports[role], trains[role], flip_from=flip_from)
+            calibrate_from = None  # the attacker's choices are made on its own shadow, then reused
+            if role in _TARGET_ROLES or role == "shadow3":
+                calibrate_from = collects.get("vanilla-shadow" if role == "vanilla-target" else "shadow")
+            collects[role] = _collect_stage(a, role, roles[role], exports[role], trains[role],
+                                            calibrate_from=calibrate_from, references=_references_for(a, role, exports,
+                                                                                                    refs))
+        sweep = _tau_sweep_stage(a, exports, collects) if cfg.tau_sweep.enabled else None
         steal_res = _steal_stage(a, collects["target"], collects["shadow"])
         attacks = _attacks_stage(a, collects, steal_res)
-        tg, tg_ctx = _timeguard_stage(a, collects["target"], collects["shadow"])
+        tg, tg_ctx = _defenses_stage(a, collects["target"], collects["shadow"], steal_res)
         live = None
         if cfg.timeguard.confirm_live:
-            live = _live_stage(a, tg, tg_ctx, exports["target"], collects["target"], trains["target"])
+            live = _live_stage(a, tg, tg_ctx, exports["target"], collects["target"])
     finally:
         a._bar.close()
     results = _assemble(a, trains=trains, exports=exports, collects=collects, steal_res=steal_res, attacks=attacks,
-                        tg=tg, live=live, wall=time.perf_counter() - start)
+                        sweep=sweep, tg=tg, live=live, wall=time.perf_counter() - start)
     atomic_write_json(out / RESULTS_FILE, results)
     if report:
         from mexit.audit.report import build_report
 
         build_report(out)
     log.info("audit finished in %.1f s: %s", results["wall_seconds"], out / RESULTS_FILE)
-    return results
-
-
-def load_results(run_dir: str | Path) -> dict[str, Any]:
-    """``results.json`` of an audit run directory, schema-checked."""
-    run_dir = Path(run_dir)
-    path = run_dir / RESULTS_FILE
-    if not path.is_file():
-        hint = "re-run `mexit audit` with the same --out to finish it" if (run_dir / AUDIT_FILE).exists() else \
-            "pass the --out directory of a finished `mexit audit`"
-        raise UserError(f"{run_dir} holds no {RESULTS_FILE}; {hint}")
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{path} is unreadable; re-run `mexit audit` with the same --out to rewrite it") from None
-    if not isinstance(results, dict) or results.get("schema") != SCHEMA:
-        got = results.get("schema") if isinstance(results, dict) else None
-        raise UserError(f"{path} was written by an incompatible mexit (schema {got!r}, this reads {SCHEMA!r}); "
-                        f"re-run the audit into a new --out")
     return results

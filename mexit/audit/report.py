@@ -10,9 +10,7 @@ page loads nothing from anywhere.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import logging
 import math
 from pathlib import Path
@@ -21,12 +19,15 @@ from typing import Any
 import numpy as np
 
 from mexit._io import atomic_write_bytes
-from mexit.audit.defense_eval import stealing_accuracy
+from mexit.audit.figures import png_base64
 from mexit.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FIGURES = ("accuracy_flops", "exit_distribution", "loss", "latency", "roc", "asr", "timeguard_frontier")
+FIGURES = ("accuracy_flops", "exit_distribution", "loss", "latency", "roc", "asr", "tau_sweep", "defense_frontier")
+#: The paper's own words on its central finding (``shared/reference/paper.txt``, line 178).
+PAPER_FINDING = ("“We can observe that all the multi-exit models have lower ASR than the vanilla models.” "
+                 "(Li et al., CCS'22; paper.txt line 178)")
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
@@ -61,55 +62,113 @@ def verdict(results: dict[str, Any]) -> list[str]:
         lines.append("The deployment returns exit indices: every client reads the exit directly (Adversary 1), "
                      "so no delay on the response time can hide it.")
     st = results["stealing"]
-    best_steal = max(st["kde"]["accuracy"], st["supervised"]["accuracy"], st.get("kde_blind", {}).get("accuracy", 0.0))
-    leaks = best_steal > st["chance"] + 0.05
-    lines.append(
-        f"{'Leaks' if leaks else 'No clear leak'} through response times: exits stolen with "
-        f"{best_steal:.2f} accuracy (KDE {st['kde']['accuracy']:.2f}, supervised {st['supervised']['accuracy']:.2f}; "
-        f"guessing the most common exit gives {st['chance']:.2f})."
-    )
+    chosen = (st.get("stealers") or {}).get(st.get("chosen", ""), {})
+    if "balanced_accuracy" in chosen:
+        leaks = chosen["balanced_accuracy"] > chosen["balanced_chance"] + 0.05
+        best = _best_stealer(st)
+        hindsight = "" if best is None or best[0] == st["chosen"] else (
+            f" In hindsight the {best[0]} stealer would have done {best[1]['balanced_accuracy']:.2f}.")
+        lines.append(
+            f"{'Leaks' if leaks else 'No clear leak'} through response times: the stealer adversary 2 picks on its own "
+            f"shadow ({st['chosen']}) recovers the target's exits with balanced accuracy "
+            f"{chosen['balanced_accuracy']:.2f} over the {_n_used(chosen)} exits in use (chance "
+            f"{chosen['balanced_chance']:.2f}); plain accuracy {chosen['accuracy']:.2f} against {chosen['chance']:.2f} "
+            f"for always guessing the most common exit.{hindsight}"
+        )
     adv = _headline_adversary(results)
+    if adv and adv.get("best_original"):
+        o = adv["best_original"]
+        sig = adv["attacks"][o["attack"]].get("significance")
+        lines.append(f"Membership (adversary {adv['adversary']}, best original attack {o['attack']}): {sig}."
+                     if sig else f"Membership: best original attack {o['attack']} AUC {o['auc']:.2f}.")
     if adv and adv.get("best_hybrid") and adv.get("best_original"):
         h, o = adv["best_hybrid"], adv["best_original"]
+        pair = next((p for p in adv["pairs"] if p["hybrid"] == h["attack"]), None)
+        paired = (pair or {}).get("paired", {}).get("auc")
+        gain = ""
+        if paired:
+            lo, hi = paired["ci"]
+            gain = (f"; paired difference {paired['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] against its own "
+                    f"original {pair['original']} — " + ("a significant gain" if lo > 0 else "significantly worse"
+                                                        if hi < 0 else "not significant (the interval includes 0)"))
         lines.append(
             f"Adversary {adv['adversary']} ({adv['description']}): best hybrid attack {h['attack']} AUC {h['auc']:.2f} "
-            f"vs {o['auc']:.2f} for the best original attack {o['attack']} (balanced accuracy "
-            f"{h['balanced_accuracy']:.2f} vs {o['balanced_accuracy']:.2f})."
+            f"vs {o['auc']:.2f} for the best original attack {o['attack']}{gain}."
         )
-    tg = results["timeguard"]
-    rec = tg["recommended"]
-    row = rec["row"]
-    rel = row.get("relative_mean_increase")
-    lines.append(
-        f"TimeGuard σ={rec['sigma_ms']:g} ms {'brings' if rec['met'] else 'is the largest σ tried and brings'} "
-        f"exit stealing to {stealing_accuracy(row):.2f} (chance {tg['chance']:.2f})"
-        + (f" and the best hybrid attack to {row['best_hybrid_balanced_accuracy']:.2f} balanced accuracy"
-           if row.get("best_hybrid_balanced_accuracy") is not None else "")
-        + f" at {row['mean_added_ms']:+.3f} ms mean latency ({_pct(rel)}); constant-time padding costs "
-          f"{tg['padding']['mean_added_ms']:+.3f} ms ({_pct(tg['padding']['relative_mean_increase'])})."
-        + ("" if rec["met"] else " No σ of the grid met the rule: extend timeguard.sigma_grid_ms.")
-        + (" Without any defense, exit stealing already does no better than guessing here: TimeGuard is not "
-           "needed for this deployment (the smallest σ is shown)." if rec.get("needed") is False else "")
-        + (f" Careful with small σ: at σ = {', '.join(f'{v:g}' for v in tg['easier_than_undefended_sigmas_ms'])} ms "
-           "exit stealing is *easier* than without TimeGuard (releasing at the calibrated exit time plus a small "
-           "delay removes the natural jitter that hid the exits)." if tg.get("easier_than_undefended_sigmas_ms")
-           else "")
-    )
+    block = results.get("defenses")
+    if block:
+        lines.append(block["verdict"])
     live = results.get("live")
     if live:
+        chance = _fmt(block["chance_balanced"], 2) if block else "–"
         lines.append(
-            f"Confirmed live at σ={live['sigma_ms']:g} ms: stealing "
-            f"{stealing_accuracy(live):.2f} accuracy, mean latency "
-            f"{live['mean_added_ms']:+.3f} ms ({_pct(live.get('relative_mean_increase'))}) against an undefended "
-            f"recording made just before it."
+            f"Confirmed live ({live['label']}): oracle stealer balanced accuracy "
+            f"{_fmt(live.get('oracle_balanced_accuracy'), 2)} (1/K = {chance}), mean latency "
+            f"{live['mean_added_ms']:+.3f} ms against an undefended recording made just before it."
         )
     van = results.get("vanilla")
     if van and van.get("best_original") and adv and adv.get("best_original"):
+        v_auc, m_auc = van["best_original"]["auc"], adv["best_original"]["auc"]
+        v_ci = van["attacks"][van["best_original"]["attack"]]["auc"].get("ci")
+        m_ci = adv["attacks"][adv["best_original"]["attack"]]["auc"].get("ci")
+        overlap = bool(v_ci and m_ci and v_ci[0] <= m_ci[1] and m_ci[0] <= v_ci[1])
+        if overlap:
+            finding = ("the two are not distinguishable here (their 95% intervals overlap), so this run neither "
+                       "confirms nor contradicts the paper")
+        elif m_auc < v_auc:
+            finding = "here the multi-exit model leaks less, as the paper found"
+        else:
+            finding = "here the multi-exit model leaks more, the opposite of what the paper found"
         lines.append(
-            f"Vanilla (1-exit) baseline: best original attack AUC {van['best_original']['auc']:.2f} vs "
-            f"{adv['best_original']['auc']:.2f} on the multi-exit model."
+            f"Vanilla (1-exit) baseline: best original attack AUC {v_auc:.2f} {_ci_text(v_ci)} vs {m_auc:.2f} "
+            f"{_ci_text(m_ci)} on the multi-exit model at its deployed τ: {finding}. The paper: {PAPER_FINDING}. "
+            f"The answer depends on τ: see the τ sweep."
+        )
+    sweep = results.get("tau_sweep")
+    if sweep and sweep.get("reference", {}).get("vanilla"):
+        ref = sweep["reference"]["vanilla"]["best_original_auc"]
+        below = [r["tau"] for r in sweep["rows"] if r["best_original_auc"] is not None and r["best_original_auc"] < ref]
+        lines.append(
+            f"τ sweep (exits exposed, in-process, same samples): the multi-exit model's best original attack AUC is "
+            f"below the vanilla model's ({ref:.2f}) at {len(below)} of {len(sweep['rows'])} thresholds"
+            + (f" (τ = {', '.join(f'{t:g}' for t in below)})" if 0 < len(below) < len(sweep["rows"]) else "")
+            + "; point estimates, see the τ-sweep table for the size of the differences."
         )
     return lines
+
+
+def _low_fpr(entry: dict[str, Any], fpr: str) -> str:
+    """TPR at a low FPR with its exact interval, or why it cannot be measured on this many non-members."""
+    row = (entry.get("low_fpr") or {}).get(fpr)
+    if row is None:
+        return _fmt((entry.get("tpr_at_fpr") or {}).get(fpr, {}).get("value"))
+    if row.get("value") is None:
+        return row.get("note") or "not measurable"
+    return f"{row['value']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]"
+
+
+def _ci_text(ci: list[float] | None) -> str:
+    return "" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _best_stealer(st: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The stealer with the highest balanced accuracy (None when the true exits were unknown)."""
+    rows = [(n, e) for n, e in (st.get("stealers") or {}).items() if "balanced_accuracy" in e]
+    return max(rows, key=lambda r: r[1]["balanced_accuracy"]) if rows else None
+
+
+def _n_used(entry: dict[str, Any]) -> int:
+    return sum(r is not None for r in entry.get("per_exit_recall", []))
+
+
+STEALER_TEXT = {
+    "kde": "KDE aligned to the shadow's exits",
+    "kde-blind": "KDE blind: exits discovered, numbered by rank (adversary 3's)",
+    "supervised": "supervised (class-balanced logistic) on the shadow's timings",
+    "supervised-gbt": "supervised (gradient-boosted trees) on the shadow's timings",
+    "likelihood": "per-exit timing likelihood fitted on the shadow",
+    "nearest": "nearest shadow per-exit centre",
+}
 
 
 def _pct(v: float | None) -> str:
@@ -130,30 +189,21 @@ def summary_table(results: dict[str, Any]) -> str:
             tpr = entry["tpr_at_fpr"].get("0.01", {}).get("value")
             out.append(f"{key:<10}{name:<20}{_fmt(_val(entry, 'auc')):>8}{_fmt(_val(entry, 'balanced_accuracy')):>8}"
                        f"{_fmt(tpr):>9}")
-    tg = results["timeguard"]
-    out.append("")
-    out.append(f"{'defense':<18}{'kde acc':>9}{'sup acc':>9}{'hybrid ASR':>12}{'+ms mean':>10}")
-    for row in [tg["baseline"], *tg["grid"], tg["padding"]]:
-        label = "none" if row["policy"] == "none" else "padding" if row["policy"] == "padding" else \
-            f"σ={row['sigma_ms']:g} ms"
-        if row["policy"] == "timeguard" and row["sigma_ms"] == tg["recommended"]["sigma_ms"]:
-            label += " *"
-        out.append(f"{label:<18}{row['kde_accuracy']:>9.3f}{row['supervised_accuracy']:>9.3f}"
-                   f"{_fmt(row.get('best_hybrid_balanced_accuracy')):>12}{row['mean_added_ms']:>10.3f}")
-    out.append("(* recommended)")
+    block = results.get("defenses")
+    if block:
+        out.append("")
+        out.append(f"{'defense':<34}{'oracle':>8}{'Bayes':>8}{'gain AUC':>10}{'+ms mean':>10}{'+ms p99':>9}")
+        rec = (block.get("recommended") or {}).get("label")
+        for row in block["rows"]:
+            label = row["label"] + (" *" if row["label"] == rec else "")
+            gain = (row.get("hybrid_gain") or {}).get("difference")
+            out.append(f"{label:<34}{_fmt(row.get('oracle_balanced_accuracy')):>8}{_fmt(row.get('bayes_bound')):>8}"
+                       f"{_fmt(gain):>10}{_fmt(row.get('mean_added_ms')):>10}{_fmt(row.get('p99_added_ms')):>9}")
+        out.append(f"(* recommended; balanced accuracies against 1/K = {block['chance_balanced']:.3f})")
     return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------ figures
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _fig_accuracy_flops(r: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
 
@@ -176,25 +226,43 @@ def _fig_accuracy_flops(r: dict[str, Any]) -> Any:
     ax2.set_ylim(0, 1.05)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, frameon=False)
     ax.set_title(f"{target['arch']} on {target['dataset']}: accuracy and cost per exit")
+    fig.tight_layout()
     return fig
 
 
 def _fig_exit_distribution(r: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
 
-    d = r["leakage"]["exit_distribution"]
-    m, n = np.asarray(d["members"], float), np.asarray(d["nonmembers"], float)
+    d = r["leakage"]
+    m, n = np.asarray(d["members_per_exit"], float), np.asarray(d["nonmembers_per_exit"], float)
     k = np.arange(len(m))
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     ax.bar(k - 0.2, m / max(m.sum(), 1), 0.4, label="members", color=_COLORS[0])
     ax.bar(k + 0.2, n / max(n.sum(), 1), 0.4, label="non-members", color=_COLORS[1])
     ax.set_xticks(k, [f"exit {i}" for i in k])
+    for i in k:
+        if m[i] + n[i] == 0:
+            ax.annotate("no sample\nleaves here", (i, 0), xytext=(0, 4), textcoords="offset points", ha="center",
+                        fontsize=7, color="grey")
     ax.set_ylabel("share of samples")
     ax.set_title("Where members and non-members leave the target")
     ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
+
+
+def _js_rows(leakage: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-exit loss divergence as rows {exit, value, baseline, n} (:func:`mexit.attacks.metrics.per_exit_js`)."""
+    rows = []
+    for e, row in enumerate(leakage.get("loss_js_divergence_per_exit") or []):
+        if isinstance(row, dict):
+            rows.append({"exit": e, "value": row.get("js"), "baseline": row.get("baseline_mean"),
+                         "n": f"{row.get('n_members')}/{row.get('n_nonmembers')}", "p": row.get("p_value")})
+        else:  # a bare value (older results)
+            rows.append({"exit": e, "value": row, "baseline": None, "n": None, "p": None})
+    return rows
 
 
 def _fig_loss(r: dict[str, Any], run_dir: Path) -> Any:
@@ -202,8 +270,9 @@ def _fig_loss(r: dict[str, Any], run_dir: Path) -> Any:
 
     with np.load(run_dir / r["artifacts"]["target_owner"]) as z:
         exits, loss, member = z["exit_index"], z["loss"], z["member"].astype(bool)
-    k = len(r["leakage"]["loss_js_divergence"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    rows = _js_rows(r["leakage"])
+    k = len(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
     ll = np.log10(np.asarray(loss, float) + 1e-12)
     lo, hi = float(np.quantile(ll, 0.005)), float(np.quantile(ll, 0.995))
     bins = np.linspace(lo, max(hi, lo + 1e-3), 40)
@@ -217,37 +286,51 @@ def _fig_loss(r: dict[str, Any], run_dir: Path) -> Any:
                          label=f"exit {e} non-members")
     axes[0].set_xlabel("log10 loss")
     axes[0].set_ylabel("samples")
-    axes[0].set_title("Loss by exit (solid: members, dashed: non-members)")
+    axes[0].set_title("Loss by exit (solid: members, dashed: non-members)", fontsize=9)
     axes[0].legend(fontsize=6, ncol=2)
-    js = [np.nan if v is None else v for v in r["leakage"]["loss_js_divergence"]]
-    axes[1].bar(np.arange(k), js, color=_COLORS[3])
-    axes[1].set_xticks(np.arange(k), [f"exit {i}" for i in range(k)])
-    axes[1].set_ylabel("JS divergence (members vs non-members)")
-    axes[1].set_title("Loss divergence by exit")
+    x = np.arange(k)
+    vals = [np.nan if row["value"] is None else row["value"] for row in rows]
+    axes[1].bar(x - 0.2, vals, 0.4, color=_COLORS[3], label="members vs non-members")
+    base = [np.nan if row["baseline"] is None else row["baseline"] for row in rows]
+    if not all(np.isnan(base)):
+        axes[1].bar(x + 0.2, base, 0.4, color="lightgrey", label="shuffled labels (baseline)")
+        axes[1].legend(fontsize=7)
+    for row in rows:
+        if row["value"] is None:
+            axes[1].annotate("too few\nsamples", (row["exit"], 0), xytext=(0, 4), textcoords="offset points",
+                             ha="center", fontsize=7, color="grey")
+    axes[1].set_xticks(x, [f"exit {i}" + (f"\n{row['n']}" if row["n"] is not None else "")
+                           for i, row in zip(x, rows, strict=False)], fontsize=7)
+    axes[1].set_ylabel("JS divergence of loss")
+    axes[1].set_title("Member/non-member loss divergence by exit", fontsize=9)
     return fig
 
 
 def _fig_latency(r: dict[str, Any], run_dir: Path) -> Any:
     import matplotlib.pyplot as plt
+    from scipy.stats import trim_mean
 
     from mexit.attacks.signals import Signals
 
     t = Signals.load(run_dir / r["artifacts"]["target_signals"])
-    lat = t.min_latency_ns() / 1e6
+    lat = np.asarray(t.latency_ns, dtype=np.float64) / 1e6
+    lat = trim_mean(lat, 0.2, axis=1) if lat.ndim == 2 and lat.shape[1] > 2 else np.nanmean(np.atleast_2d(lat), axis=1)
     exits = t.true_exit if t.true_exit is not None else np.zeros(len(lat), dtype=int)
     hi = float(np.quantile(lat, 0.995))
     lo = float(lat.min())
     bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 80)
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    data = [np.clip(lat[exits == e], lo, hi) for e in range(t.num_exits)]
-    ax.hist(data, bins=bins, stacked=True, density=True, color=[_COLORS[e % 8] for e in range(t.num_exits)],
-            label=[f"true exit {e}" for e in range(t.num_exits)], alpha=0.8)
-    for i, b in enumerate(r["stealing"]["kde"]["fit"]["boundaries_ms"]):
+    used = [e for e in range(t.num_exits) if np.any(exits == e)]
+    ax.hist([np.clip(lat[exits == e], lo, hi) for e in used], bins=bins, stacked=True, density=True,
+            color=[_COLORS[e % 8] for e in used], label=[f"true exit {e}" for e in used], alpha=0.8)
+    kde = (r["stealing"].get("stealers") or {}).get("kde", {})
+    for i, b in enumerate(kde.get("fit", {}).get("boundaries_ms", [])):
         ax.axvline(b, color="k", ls="--", lw=1, label="KDE exit boundary" if i == 0 else None)
-    ax.set_xlabel("response time, minimum over repeats (ms)")
+    ax.set_xlabel("response time, 20%-trimmed mean over repeats (ms) — what the stealers use")
     ax.set_ylabel("density")
     ax.set_title("Target response times and the exit boundaries stolen from them")
     ax.legend(fontsize=7)
+    fig.tight_layout()
     return fig
 
 
@@ -275,6 +358,7 @@ def _fig_roc(r: dict[str, Any]) -> Any:
         ax.set_ylabel("true-positive rate")
         ax.set_title(f"Adversary {key} (solid: hybrid)", fontsize=9)
         ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
     return fig
 
 
@@ -305,45 +389,20 @@ def _fig_asr(r: dict[str, Any]) -> Any:
     return fig
 
 
-def _fig_frontier(r: dict[str, Any]) -> Any:
-    import matplotlib.pyplot as plt
+def _fig_defense(r: dict[str, Any]) -> Any:
+    from mexit.audit.report_defense import _fig_protection
 
-    tg = r["timeguard"]
-    grid = tg["grid"]
-    x = [row["mean_added_ms"] for row in grid]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.plot(x, [row["kde_accuracy"] for row in grid], "o-", color=_COLORS[0], label="exit stealing (KDE)")
-    ax.plot(x, [row["supervised_accuracy"] for row in grid], "s-", color=_COLORS[1],
-            label="exit stealing (supervised)")
-    hyb = [row.get("best_hybrid_balanced_accuracy") for row in grid]
-    if any(v is not None for v in hyb):
-        ax.plot(x, [np.nan if v is None else v for v in hyb], "^-", color=_COLORS[3],
-                label="best hybrid attack (ASR)")
-    ax.axhline(tg["chance"], color="grey", ls=":", lw=1, label="stealing chance")
-    if tg.get("best_original_balanced_accuracy") is not None:
-        ax.axhline(tg["best_original_balanced_accuracy"], color=_COLORS[3], ls=":", lw=1,
-                   label="best original attack (ASR)")
-    for row in grid:
-        ax.annotate(f"σ={row['sigma_ms']:g}", (row["mean_added_ms"], row["supervised_accuracy"]), fontsize=6,
-                    xytext=(2, 4), textcoords="offset points")
-    rec = tg["recommended"]["row"]
-    ax.axvline(rec["mean_added_ms"], color="green", lw=1.2, ls="--", label=f"recommended σ={rec['sigma_ms']:g} ms")
-    base = tg["baseline"]
-    ax.scatter([0, 0], [base["kde_accuracy"], base["supervised_accuracy"]], marker="D", s=30, color="grey", zorder=5,
-               label="no defense")
-    pad = tg["padding"]
-    ax.scatter([pad["mean_added_ms"]] * 2, [pad["kde_accuracy"], pad["supervised_accuracy"]], marker="X", s=60,
-               color="k", zorder=5, label="constant-time padding")
-    live = r.get("live")
-    if live:
-        ax.scatter([live["mean_added_ms"]], [stealing_accuracy(live)], marker="*",
-                   s=120, color="green", zorder=6, label="live confirmation")
-    ax.set_xlabel("mean added latency (ms)")
-    ax.set_ylabel("accuracy / attack success")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("TimeGuard frontier: what each σ costs and stops")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return fig
+    if not r.get("defenses"):
+        raise ValueError("this audit evaluated no defense")
+    return _fig_protection(r["defenses"])
+
+
+def _fig_tau_sweep(r: dict[str, Any]) -> Any:
+    from mexit.attacks.tau_sweep import plot_tau_sweep
+
+    if not r.get("tau_sweep"):
+        raise ValueError("this audit ran no τ sweep (tau_sweep.enabled = false)")
+    return plot_tau_sweep(r["tau_sweep"], title="Leakage and cost vs the early-exit threshold τ")
 
 
 def render_figures(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
@@ -358,9 +417,19 @@ def render_figures(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
         "latency": lambda: _fig_latency(results, run_dir),
         "roc": lambda: _fig_roc(results),
         "asr": lambda: _fig_asr(results),
-        "timeguard_frontier": lambda: _fig_frontier(results),
+        "tau_sweep": lambda: _fig_tau_sweep(results),
+        "defense_frontier": lambda: _fig_defense(results),
     }
-    return {name: _png(make()) for name, make in makers.items()}
+    figures: dict[str, str] = {}
+    for name, make in makers.items():
+        try:
+            figures[name] = png_base64(make())
+        except Exception:  # a broken figure must not cost the reader the rest of the report
+            log.exception("figure %s could not be drawn; it is left out of the report", name)
+            import matplotlib.pyplot as plt
+
+            plt.close("all")
+    return figures
 
 
 # --------------------------------------------------------------------------------------------- HTML
@@ -391,7 +460,10 @@ def _ci(entry: dict[str, Any], metric: str) -> str:
     return f"{item['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def _img(name: str, b64: str, alt: str) -> str:
+def _img(name: str, figures: dict[str, str], alt: str) -> str:
+    b64 = figures.get(name)
+    if b64 is None:
+        return f"<p class='muted'>(figure “{html.escape(alt)}” could not be drawn; see the log)</p>"
     return f'<figure><img id="fig-{name}" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></figure>'
 
 
@@ -413,7 +485,7 @@ def render_html(results: dict[str, Any], figures: dict[str, str]) -> str:
              f"schema {html.escape(results['schema'])}.</p>"]
 
     parts.append("<h2>Accuracy and cost per exit</h2>")
-    parts.append(_img("accuracy_flops", figures["accuracy_flops"], "accuracy and FLOPs per exit"))
+    parts.append(_img("accuracy_flops", figures, "accuracy and FLOPs per exit"))
     rows = [[f"exit {p['exit']}", p["train_accuracy"], p["test_accuracy"], p["train_accuracy"] - p["test_accuracy"],
              p["flops"], p["flops_fraction"]] for p in target["per_exit"]]
     van = results["models"].get("vanilla-target")
@@ -423,41 +495,58 @@ def render_html(results: dict[str, Any], figures: dict[str, str]) -> str:
                      v["flops"], 1.0])
     dep = target.get("deployment") or {}
     parts.append(_table(["model", "train acc", "test acc", "gap", "FLOPs", "FLOPs fraction"], rows))
-    parts.append(f"<p>Deployed with early exit: accuracy {_fmt(dep.get('member_accuracy'))} on members, "
-                 f"{_fmt(dep.get('nonmember_accuracy'))} on non-members, at "
+    parts.append(f"<p>Deployed with early exit (τ = {_fmt(target['deployed_threshold'])}): accuracy "
+                 f"{_fmt(dep.get('member_accuracy'))} on members and {_fmt(dep.get('nonmember_accuracy'))} on "
+                 f"non-members (the final exit alone: {_fmt(target['final_exit'].get('train_accuracy'))} / "
+                 f"{_fmt(target['final_exit'].get('test_accuracy'))}), at "
                  f"{_fmt(results['leakage']['mean_flops_fraction'])} of full-depth FLOPs on average.</p>")
+    rule = target.get("tau_rule") or {}
+    if rule.get("rule") == "vanilla":
+        parts.append(f"<p class='muted'>The paper's τ rule (cheapest τ whose validation accuracy is within "
+                     f"{_fmt(cfg['target']['tolerance'])} of the vanilla model's {_fmt(rule.get('vanilla_accuracy'))}) "
+                     f"picks τ = {_fmt(rule.get('tau'))}"
+                     + ("; this audit deploys the configured τ instead." if target.get("threshold_source") == "config"
+                        else ".") + "</p>")
 
     parts.append("<h2>Exit distribution: members vs non-members</h2>")
-    parts.append(_img("exit_distribution", figures["exit_distribution"], "exit distribution"))
-    d = results["leakage"]["exit_distribution"]
+    parts.append(_img("exit_distribution", figures, "exit distribution"))
+    d = results["leakage"]
     parts.append(_table(["exit", "members", "non-members", "member share"],
-                        [[f"exit {e}", d["members"][e], d["nonmembers"][e], d["member_share"][e]]
-                         for e in range(len(d["members"]))]))
+                        [[f"exit {e}", d["members_per_exit"][e], d["nonmembers_per_exit"][e],
+                          d["member_share_per_exit"][e]] for e in range(len(d["members_per_exit"]))]))
 
     parts.append("<h2>Loss distributions and JS divergence by exit</h2>")
-    parts.append(_img("loss", figures["loss"], "loss distributions and JS divergence"))
+    parts.append(_img("loss", figures, "loss distributions and JS divergence"))
+    js_rows = _js_rows(results["leakage"])
+    if any(row["baseline"] is not None for row in js_rows):
+        parts.append(_table(["exit", "JS divergence", "shuffled-label baseline", "members/non-members",
+                             "permutation p"],
+                            [[f"exit {row['exit']}", row["value"], row["baseline"], row["n"], row["p"]]
+                             for row in js_rows]))
+        parts.append("<p class='muted'>An exit's divergence means something only when it clearly exceeds its "
+                     "baseline (the same estimator with member labels shuffled within the exit).</p>")
 
     st = results["stealing"]
     parts.append("<h2>Exit stealing from response times</h2>")
-    parts.append(_img("latency", figures["latency"], "latency density with stolen exit boundaries"))
+    parts.append(_img("latency", figures, "latency density with stolen exit boundaries"))
     qp = st.get("query_planning", {})
-    parts.append(_table(["stealer", "accuracy", "exits found/used", "per-exit recall"], [
-        ["KDE aligned to the shadow's exits (adversary 2)", st["kde"]["accuracy"], st["kde"]["predicted_exits_used"],
-         ", ".join(_fmt(x, 2) for x in st["kde"]["per_exit_recall"])],
-        *([["KDE blind: exits discovered, numbered by rank (adversary 3)", st["kde_blind"]["accuracy"],
-            st["kde_blind"]["fit"]["n_exits"], ", ".join(_fmt(x, 2) for x in st["kde_blind"]["per_exit_recall"])]]
-          if "kde_blind" in st else []),
-        ["supervised (shadow timings)", st["supervised"]["accuracy"], st["supervised"]["predicted_exits_used"],
-         ", ".join(_fmt(x, 2) for x in st["supervised"]["per_exit_recall"])],
-        ["chance (most common exit)", st["chance"], "", ""]]))
+    rows = []
+    for name, e in (st.get("stealers") or {}).items():
+        if "accuracy" not in e:
+            continue
+        label = STEALER_TEXT.get(name, name) + (" — used by adversary 2" if name == st.get("chosen") else "")
+        rows.append([label, e["balanced_accuracy"], e["balanced_chance"], e["accuracy"], e["chance"],
+                     e["predicted_exits_used"], ", ".join(_fmt(x, 2) for x in e["per_exit_recall"])])
+    parts.append(_table(["stealer", "balanced accuracy", "chance (1/K used)", "accuracy", "chance (majority exit)",
+                         "exits predicted", "recall per exit"], rows))
     clean = ", ".join(_fmt(t, 3) for t in qp.get("clean_times_ms", []))
     parts.append(f"<p class='muted'>Clean time per exit (ms): {clean}; "
                  f"per-sample noise σ {_fmt(qp.get('noise_sigma_ms'), 3)} ms; queries per sample for 95% separation of "
                  f"the closest exits (paper Eq. 1): {_fmt(qp.get('queries_95'))}.</p>")
 
     parts.append("<h2>Membership attacks: original vs hybrid</h2>")
-    parts.append(_img("roc", figures["roc"], "ROC curves, log-log"))
-    parts.append(_img("asr", figures["asr"], "attack success original vs hybrid"))
+    parts.append(_img("roc", figures, "ROC curves, log-log"))
+    parts.append(_img("asr", figures, "attack success original vs hybrid"))
     for key, adv in sorted((results.get("adversaries") or {}).items()):
         parts.append(f"<h3>Adversary {key}: {html.escape(adv['description'])}</h3>")
         parts.append(f"<p class='muted'>exit source: {html.escape(str(adv['exit_source']))}; observed-exit accuracy "
@@ -467,41 +556,52 @@ def render_html(results: dict[str, Any], figures: dict[str, str]) -> str:
             if "error" in e:
                 rows.append([name, "failed: " + e["error"], "", "", ""])
                 continue
-            rows.append([name, _ci(e, "auc"), _ci(e, "balanced_accuracy"),
-                         _fmt(e["tpr_at_fpr"].get("0.01", {}).get("value")),
-                         _fmt(e["tpr_at_fpr"].get("0.001", {}).get("value"))])
-        parts.append(_table(["attack", "AUC [95% CI]", "ASR (balanced acc.) [95% CI]", "TPR@1% FPR",
-                             "TPR@0.1% FPR"], rows))
+            rows.append([name, _ci(e, "auc"), _ci(e, "balanced_accuracy"), _low_fpr(e, "0.01"),
+                         _low_fpr(e, "0.001")])
+        parts.append(_table(["attack", "AUC [95% CI]", "ASR (balanced acc.) [95% CI]", "TPR@1% FPR [exact CI]",
+                             "TPR@0.1% FPR [exact CI]"], rows))
+        prs = [p for p in adv["pairs"] if p.get("paired")]
+        if prs:
+            parts.append(_table(["hybrid vs its original", "AUC difference [paired 95% CI]", "significant"], [
+                [f"{p['hybrid']} − {p['original']}",
+                 f"{p['paired']['auc']['difference']:+.3f} [{p['paired']['auc']['ci'][0]:+.3f}, "
+                 f"{p['paired']['auc']['ci'][1]:+.3f}]", "yes" if p["paired"]["auc"]["significant"] else "no"]
+                for p in prs]))
     if results.get("vanilla"):
         rows = [[n, _ci(e, "auc"), _ci(e, "balanced_accuracy")] for n, e in results["vanilla"]["attacks"].items()
                 if "error" not in e]
         parts.append("<h3>Vanilla (1-exit) baseline, original attacks</h3>")
         parts.append(_table(["attack", "AUC [95% CI]", "ASR [95% CI]"], rows))
 
-    tg = results["timeguard"]
-    parts.append("<h2>TimeGuard: privacy vs latency</h2>")
-    parts.append(_img("timeguard_frontier", figures["timeguard_frontier"], "TimeGuard frontier"))
-    rows = []
-    for row in [tg["baseline"], *tg["grid"], tg["padding"]]:
-        names = {"none": "no defense", "padding": "constant-time padding"}
-        label = names[row["policy"]] if row["policy"] in names else f"σ = {row['sigma_ms']:g} ms"
-        if row["policy"] == "timeguard" and row["sigma_ms"] == tg["recommended"]["sigma_ms"]:
-            label += " (recommended)"
-        rows.append([label, row["kde_accuracy"], row["supervised_accuracy"], row.get("best_hybrid_auc"),
-                     row.get("best_hybrid_balanced_accuracy"), row["mean_added_ms"],
-                     _pct(row.get("relative_mean_increase"))])
-    parts.append(_table(["defense", "KDE stealing", "supervised stealing", "best hybrid AUC", "best hybrid ASR",
-                         "mean added ms", "mean latency"], rows))
-    parts.append(f"<p class='muted'>Rule: {html.escape(tg['recommended']['rule'])}. {html.escape(tg['note'])}.</p>")
+    sweep = results.get("tau_sweep")
+    if sweep:
+        parts.append("<h2>Does early exit leak more or less than the vanilla model? The τ sweep</h2>")
+        parts.append(f"<p>The paper's finding: {html.escape(PAPER_FINDING)} Whether it holds depends on the "
+                     "threshold τ; each τ below re-deploys both bundles in-process (exits exposed, adversary 1) and "
+                     "re-runs the attacks fitted on the shadow. The red line marks the deployed τ.</p>")
+        parts.append(_img("tau_sweep", figures, "leakage and cost vs tau"))
+        ref = (sweep.get("reference", {}).get("vanilla") or {}).get("best_original_auc")
+        rows = [[r["tau"], r["best_original_auc"], r["best_hybrid_auc"], r["exit_only_auc"], r["mean_flops_fraction"],
+                 r["accuracy_members"], r["accuracy_nonmembers"]] for r in sweep["rows"]]
+        parts.append(_table(["τ", "best original AUC", "best hybrid AUC", "exit-only AUC", "mean FLOPs fraction",
+                             "accuracy (members)", "accuracy (non-members)"], rows))
+        parts.append(f"<p class='muted'>Vanilla model, best original attack AUC: {_fmt(ref)}; the multi-exit model at "
+                     f"full depth: {_fmt(sweep['reference']['full_depth']['best_original_auc'])}.</p>")
+
+    block = results.get("defenses")
+    if block:
+        from mexit.audit.report_defense import render_defense_section
+
+        shown = {"defense_frontier": figures["defense_frontier"]} if "defense_frontier" in figures else {}
+        parts.append(render_defense_section(block, shown))
     live = results.get("live")
     if live:
-        off = live["offline_prediction"]
-        head = ["live at σ = " + _fmt(live["sigma_ms"], 3) + " ms", "measured live", "predicted offline"]
-        parts.append(_table(head, [
-            ["KDE stealing accuracy", live["kde_accuracy"], off.get("kde_accuracy")],
-            ["supervised stealing accuracy", live["supervised_accuracy"], off.get("supervised_accuracy")],
-            ["best hybrid ASR", live.get("best_hybrid_balanced_accuracy"), off.get("best_hybrid_balanced_accuracy")],
-            ["mean added latency (ms)", live["mean_added_ms"], off.get("mean_added_ms")]]))
+        off = live.get("offline_prediction") or {}
+        parts.append(_table([f"live: {live['label']}", "measured live", "predicted offline"], [
+            ["oracle stealer, balanced accuracy", live.get("oracle_balanced_accuracy"),
+             off.get("oracle_balanced_accuracy")],
+            ["exit-ranking AUC", live.get("exit_ranking_auc"), off.get("exit_ranking_auc")],
+            ["mean added latency (ms)", live.get("mean_added_ms"), off.get("mean_added_ms")]]))
 
     parts.append("<h2>Run</h2>")
     parts.append(_table(["stage", "seconds", "cached"], [[n, t["seconds"], "yes" if t["cached"] else "no"]
@@ -516,7 +616,7 @@ def render_html(results: dict[str, Any], figures: dict[str, str]) -> str:
 
 def build_report(run_dir: str | Path) -> Path:
     """(Re)write ``run_dir/report.html`` from ``results.json`` and the artifacts it names; return its path."""
-    from mexit.audit.pipeline import REPORT_FILE, load_results
+    from mexit.audit.results import REPORT_FILE, load_results
 
     run_dir = Path(run_dir)
     results = load_results(run_dir)

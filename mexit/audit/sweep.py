@@ -46,7 +46,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mexit._io import atomic_write_bytes, atomic_write_json, provenance
 from mexit.audit.config import AuditConfig, apply_overrides, make_audit_config, read_config_file
-from mexit.audit.defense_eval import stealing_accuracy
 from mexit.errors import BackendUnavailableError, ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -158,8 +157,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     cfg = results["config"]
     target = results["models"]["target"]
     st = results["stealing"]
-    tg = results["timeguard"]
-    rec = tg["recommended"]["row"]
+    block = results.get("defenses") or {}
+    rec = block.get("recommended") or {}
+    rec_row = next((r for r in block.get("rows", []) if r["label"] == rec.get("label")), {})
+    padding = next((r for r in block.get("rows", []) if r["defense"] == "padding"), {})
     row: dict[str, Any] = {
         "dataset": cfg["dataset"]["name"],
         "arch": cfg["target"]["arch"],
@@ -167,8 +168,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "seed": cfg["seed"],
         "final_test_accuracy": target["final_exit"]["test_accuracy"],
         "mean_flops_fraction": results["leakage"]["mean_flops_fraction"],
-        "stealing_kde": st["kde"]["accuracy"],
-        "stealing_supervised": st["supervised"]["accuracy"],
+        "stealing_kde": st["stealers"]["kde"]["accuracy"],
+        "stealing_supervised": st["stealers"]["supervised"]["accuracy"],
+        "stealing_chosen": st["stealers"][st["chosen"]]["accuracy"],
+        "stealing_chosen_balanced": st["stealers"][st["chosen"]]["balanced_accuracy"],
         "stealing_chance": st["chance"],
     }
     for key, adv in sorted((results.get("adversaries") or {}).items()):
@@ -178,14 +181,15 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             row[f"adv{key}_{kind}_asr"] = best.get("balanced_accuracy")
     van = (results.get("vanilla") or {}).get("best_original") or {}
     row["vanilla_original_auc"] = van.get("auc")
+    live = results.get("live") or {}
     row.update({
-        "timeguard_sigma_ms": tg["recommended"]["sigma_ms"],
-        "timeguard_met": tg["recommended"]["met"],
-        "timeguard_stealing": stealing_accuracy(rec),
-        "timeguard_added_ms": rec["mean_added_ms"],
-        "timeguard_relative_latency": rec["relative_mean_increase"],
-        "padding_relative_latency": tg["padding"]["relative_mean_increase"],
-        "live_stealing": stealing_accuracy(results["live"]) if results.get("live") else None,
+        "defense": rec.get("label"),
+        "defense_oracle": rec_row.get("oracle_balanced_accuracy"),
+        "defense_bayes": rec_row.get("bayes_bound"),
+        "defense_added_ms": rec_row.get("mean_added_ms"),
+        "padding_added_ms": padding.get("mean_added_ms"),
+        "chance_balanced": block.get("chance_balanced"),
+        "live_oracle": live.get("oracle_balanced_accuracy"),
         "audit_seconds": results["wall_seconds"],
     })
     return row
@@ -373,6 +377,25 @@ def _local_map(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple[Any, ...
     return rows
 
 
+def map_tasks(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple[Any, ...]], *,
+              executor: Literal["local", "ray"] = "local", workers: int = 2, threads: int = 1,
+              address: str | None = None, progress: bool = False) -> list[dict[str, Any]]:
+    """``fn(*call)`` for every call on the sweep's executors (the hook other stages use, e.g. reference models).
+
+    Rows come back in order; a task whose worker died gets a ``crashed`` row. ``fn`` must be a module-level
+    function. One worker runs the calls in this process (no pool to spawn).
+    """
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if workers < 1 or threads < 1:
+        raise ConfigError(f"workers and threads must be >= 1, got {workers} and {threads}")
+    if executor == "ray":
+        return _ray_map(fn, calls, workers=workers, threads=threads, address=address, progress=progress)
+    if workers == 1:
+        return [fn(*call) for call in calls]
+    return _local_map(fn, calls, workers=workers, progress=progress)
+
+
 def run_sweep(grid_file: str | Path, out_dir: str | Path, *, executor: Literal["local", "ray"] = "local",
               workers: int = 2, address: str | None = None, threads: int | None = None,
               progress: bool = True, report: bool = True) -> dict[str, Any]:
@@ -430,12 +453,12 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-_MD_COLUMNS = (("run", "run"), ("final_test_accuracy", "test acc"), ("stealing_supervised", "steal (sup)"),
-               ("stealing_kde", "steal (KDE)"), ("stealing_chance", "chance"), ("adv1_original_auc", "A1 orig AUC"),
-               ("adv1_hybrid_auc", "A1 hyb AUC"), ("adv2_original_auc", "A2 orig AUC"),
-               ("adv2_hybrid_auc", "A2 hyb AUC"), ("vanilla_original_auc", "vanilla AUC"),
-               ("timeguard_sigma_ms", "σ* ms"), ("timeguard_stealing", "steal at σ*"),
-               ("timeguard_relative_latency", "latency at σ*"), ("status", "status"))
+_MD_COLUMNS = (("run", "run"), ("final_test_accuracy", "test acc"), ("stealing_chosen", "steal (chosen)"),
+               ("stealing_chance", "chance"), ("stealing_chosen_balanced", "steal bal."),
+               ("adv1_original_auc", "A1 orig AUC"), ("adv1_hybrid_auc", "A1 hyb AUC"),
+               ("adv2_original_auc", "A2 orig AUC"), ("adv2_hybrid_auc", "A2 hyb AUC"),
+               ("vanilla_original_auc", "vanilla AUC"), ("defense", "defense*"), ("defense_oracle", "oracle at *"),
+               ("chance_balanced", "1/K"), ("defense_added_ms", "+ms at *"), ("status", "status"))
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -444,8 +467,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     def cell(v: Any, col: str) -> str:
         if v is None:
             return "–"
-        if col == "timeguard_relative_latency" and isinstance(v, float):
-            return f"{100 * v:+.1f}%"
         if isinstance(v, float):
             return f"{v:.3f}"
         return str(v)

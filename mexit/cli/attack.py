@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
 DEFAULT_ATTACKS = ("score", "score-hybrid", "loss", "loss-hybrid", "confidence", "confidence-hybrid", "exit-only")
-
-
-def _client(where: str, model_name: str | None, expose: str, expose_exit: bool, threads: int) -> tuple[Any, Any]:
-    """A client for a bundle directory (in-process) or an OIP server URL, and a ground-truth runtime if local."""
-    from mexit.runtime import EarlyExitRuntime
-    from mexit.serve import LocalClient, OIPClient
-
-    if where.startswith(("http://", "https://")):
-        if not model_name:
-            raise click.UsageError(f"pass the model name served at {where} (--target-model/--shadow-model)")
-        return OIPClient(where, model_name), None
-    runtime = EarlyExitRuntime(where, intra_op_threads=threads)
-    runtime.warmup(5)
-    return LocalClient(runtime, expose=expose, expose_exit=expose_exit), runtime
 
 
 @click.command("attack")
@@ -55,7 +40,13 @@ def _client(where: str, model_name: str | None, expose: str, expose_exit: bool, 
               "of another architecture or data (needs --shadow3). Repeatable.")
 @click.option("--samples", type=int, default=200, show_default=True, help="Members (and as many non-members).")
 @click.option("--repeats", type=click.IntRange(1, 1000), default=10, show_default=True,
-              help="Queries per sample (latency repeats).")
+              help="Queries per sample (latency repeats); the shadow is always queried this often.")
+@click.option("--query-budget", type=float, default=None, metavar="N",
+              help="Query the target adaptively: N queries per sample on average, spent on the samples whose exit "
+                   "is still uncertain under the timing model fitted on the shadow (1..200).")
+@click.option("--stealer", default="chosen", show_default=True,
+              help="Adversary 2's exit stealer: chosen (by cross-validation on the shadow's timings), likelihood, "
+                   "supervised, supervised-gbt, nearest, kde, kde-blind.")
 @click.option("--label-only-queries", type=click.IntRange(1, 100_000), default=100, show_default=True,
               help="Label-only attacks: noisy copies queried per tabular sample.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -67,64 +58,26 @@ def command(target: str, target_run: Path, shadow: str, shadow_run: Path, target
             shadow_model: str | None, target_bundle: Path | None, shadow_bundle: Path | None, shadow3: str | None,
             shadow3_run: Path | None, shadow3_model: str | None, shadow3_bundle: Path | None, expose: str,
             expose_exit: bool, attacks: str,
-            adversaries: tuple[int, ...], samples: int, repeats: int, label_only_queries: int, seed: int, threads: int,
+            adversaries: tuple[int, ...], samples: int, repeats: int, query_budget: float | None, stealer: str,
+            label_only_queries: int, seed: int, threads: int,
             data_root: Path | None, out_dir: Path) -> None:
     """Query TARGET and SHADOW, steal exits from latency, run original and hybrid membership attacks."""
-    from mexit.attacks.experiment import AttackSettings, QuerySet, run_experiment
-    from mexit.attacks.mia import attack_names
-    from mexit.runtime import EarlyExitRuntime
-    from mexit.train.runner import load_run
+    from mexit.attacks.flow import attack_deployments
 
     names = [a.strip() for a in attacks.split(",") if a.strip()]
-    unknown = sorted(set(names) - set(attack_names()))
-    if unknown:
-        raise click.UsageError(f"unknown attack(s) {', '.join(unknown)}; known: {', '.join(attack_names())}")
-    if 3 in adversaries and (shadow3 is None or shadow3_run is None):
-        raise click.UsageError("adversary 3 needs its own shadow: pass --shadow3 and --shadow3-run")
-    t_run, s_run = load_run(target_run, data_root=data_root), load_run(shadow_run, data_root=data_root)
-    if t_run.dataset.num_classes != s_run.dataset.num_classes:
-        raise click.UsageError("target and shadow runs are on datasets with different classes")
-    t_client, t_rt = _client(target, target_model, expose, expose_exit, threads)
-    if t_rt is None and target_bundle is not None:
-        t_rt = EarlyExitRuntime(target_bundle, intra_op_threads=threads)
-    s_client, s_rt = _client(shadow, shadow_model, expose, expose_exit, threads)
-    if s_rt is None:
-        if shadow_bundle is None:
-            raise click.UsageError("a URL shadow needs --shadow-bundle: the attacker must know its own shadow's exits")
-        s_rt = EarlyExitRuntime(shadow_bundle, intra_op_threads=threads)
-    s3: dict[str, Any] = {}
-    if 3 in adversaries:
-        assert shadow3 is not None and shadow3_run is not None
-        s3_run = load_run(shadow3_run, data_root=data_root)
-        if s3_run.dataset.num_classes != t_run.dataset.num_classes:
-            raise click.UsageError("adversary 3's shadow run is on a dataset with different classes from the target")
-        s3_client, s3_rt = _client(shadow3, shadow3_model, expose, expose_exit, threads)
-        if s3_rt is None:
-            if shadow3_bundle is None:
-                raise click.UsageError("a URL --shadow3 needs --shadow3-bundle: the attacker must know its shadow's "
-                                       "exits")
-            s3_rt = EarlyExitRuntime(shadow3_bundle, intra_op_threads=threads)
-        s3 = {"shadow3_client": s3_client, "shadow3_runtime": s3_rt,
-              "shadow3_queries": QuerySet.from_split(s3_run.dataset.inputs, s3_run.dataset.y,
-                                                     s3_run.splits.shadow_train, s3_run.splits.shadow_test, samples,
-                                                     seed + 2)}
-    tq = QuerySet.from_split(t_run.dataset.inputs, t_run.dataset.y, t_run.splits.target_train,
-                             t_run.splits.target_test, samples, seed)
-    sq = QuerySet.from_split(s_run.dataset.inputs, s_run.dataset.y, s_run.splits.shadow_train,
-                             s_run.splits.shadow_test, samples, seed + 1)
-    settings = AttackSettings(attacks=names, adversaries=list(adversaries), repeats=repeats, seed=seed,
-                              label_only_kind="image" if t_run.dataset.kind == "image" else "tabular",
-                              label_only_queries=label_only_queries)
-    describe = {"target": target, "shadow": shadow, "target_run": str(target_run), "shadow_run": str(shadow_run),
-                "shadow3": shadow3, "shadow3_run": None if shadow3_run is None else str(shadow3_run),
-                "arch": t_run.config.arch, "exits": t_run.config.exits, "dataset": t_run.config.dataset,
-                "train_accuracy": t_run.metrics["final_exit"]["train_accuracy"],
-                "test_accuracy": t_run.metrics["final_exit"]["test_accuracy"]}
-    results = run_experiment(t_client, s_client, tq, sq, settings, out_dir, target_runtime=t_rt,
-                             shadow_runtime=s_rt, describe=describe, **s3)
-    for kind, rep in results["exit_stealing"].items():
+    results = attack_deployments(
+        target=target, target_run=target_run, shadow=shadow, shadow_run=shadow_run, out=out_dir,
+        attacks=names, adversaries=list(adversaries), samples=samples, repeats=repeats, seed=seed,
+        query_budget=query_budget, stealer=stealer,
+        label_only_queries=label_only_queries, threads=threads, data_root=data_root, expose=expose,
+        expose_exit=expose_exit, target_model=target_model, shadow_model=shadow_model, target_bundle=target_bundle,
+        shadow_bundle=shadow_bundle, shadow3=shadow3, shadow3_run=shadow3_run, shadow3_model=shadow3_model,
+        shadow3_bundle=shadow3_bundle)
+    stealing = results["exit_stealing"]
+    for kind, rep in stealing["stealers"].items():
         if "accuracy" in rep:
-            click.echo(f"exit stealing ({kind}): accuracy {rep['accuracy']:.3f}")
+            click.echo(f"exit stealing ({kind}): accuracy {rep['accuracy']:.3f} (chance {rep['chance']:.3f}), "
+                       f"balanced {rep['balanced_accuracy']:.3f} (chance {rep['balanced_chance']:.3f})")
     for adv, block in results["adversaries"].items():
         click.echo(f"adversary {adv} ({block['description']}):")
         for name, m in block["attacks"].items():

@@ -8,7 +8,15 @@ from pathlib import Path
 import click
 
 
-@click.command("audit")
+def _epilog() -> str:
+    from mexit.defense.registry import describe_defenses
+    from mexit.runtime.registry import backend_names
+
+    return ("\b\nDefenses for [[defenses]] entries (name, params):\n" + describe_defenses()
+            + "\n\n\bBackends for deployment.backend: " + ", ".join(backend_names()) + ".")
+
+
+@click.command("audit", epilog=_epilog())
 @click.argument("config", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/audit"), show_default=True,
               help="Run directory: stages are cached there, so re-running resumes.")
@@ -30,8 +38,9 @@ def command(config: Path | None, out_dir: Path, overrides: tuple[str, ...], prin
     if print_config:
         click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
-    from mexit.audit.pipeline import REPORT_FILE, RESULTS_FILE, run_audit
+    from mexit.audit.pipeline import run_audit
     from mexit.audit.report import summary_table
+    from mexit.audit.results import REPORT_FILE, RESULTS_FILE
 
     results = run_audit(cfg, out_dir, progress=not no_progress)
     click.echo(summary_table(results))

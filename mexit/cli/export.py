@@ -1,4 +1,8 @@
-"""``mexit export``: turn a finished training run into a deployable bundle (and optionally TensorRT engines)."""
+"""``mexit export``: turn a finished training run into a deployable bundle (and optionally TensorRT engines).
+
+``mexit export BUNDLE --engines-only --engine tensorrt [--fp16]`` builds engines for this machine's GPU into
+an existing bundle (the command the runtime names when a bundle has no engines for this GPU).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,18 @@ import click
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Bundle directory to write (required unless "
+              "--engines-only).")
+@click.option("--engines-only", is_flag=True,
+              help="RUN_DIR is an existing bundle: only build TensorRT engines for this GPU into it.")
 @click.option("--engine", type=click.Choice(["none", "tensorrt"]), default="none", show_default=True,
               help="Also build TensorRT engines for this machine's GPU (needs mexit[tensorrt] and an NVIDIA GPU).")
 @click.option("--fp16", is_flag=True, help="Build FP16 TensorRT engines (re-calibrate the threshold for them).")
+@click.option("--tf32", is_flag=True, help="Allow TF32 in FP32 TensorRT engines (off: keeps CPU parity).")
 @click.option("--max-batch", type=int, default=256, show_default=True, help="Largest batch the TensorRT engines take.")
+@click.option("--opt-batch", type=int, default=1, show_default=True,
+              help="Batch size the TensorRT engines are tuned for.")
+@click.option("--device", type=int, default=0, show_default=True, help="GPU index to build the TensorRT engines on.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Largest allowed |ONNX - PyTorch| logit difference (scaled by the logit magnitude when above 1).")
@@ -25,21 +36,39 @@ import click
               help="Dataset directory, if it moved since training.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
               help="Exit threshold to deploy instead of the one the training run's search chose.")
-def command(run_dir: Path, out_dir: Path, engine: str, fp16: bool, max_batch: int, overwrite: bool, tolerance: float,
-            samples: int, exporter: str, data_root: Path | None, threshold: float | None) -> None:
+def command(run_dir: Path, out_dir: Path | None, engines_only: bool, engine: str, fp16: bool, tf32: bool,
+            max_batch: int, opt_batch: int, device: int, overwrite: bool, tolerance: float, samples: int,
+            exporter: str, data_root: Path | None, threshold: float | None) -> None:
     """Export the model of RUN_DIR as per-exit ONNX stages with a verified manifest."""
     from mexit.errors import ConfigError
-    from mexit.export import export_bundle
-    from mexit.train.runner import load_run
 
     if samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {samples}")
-    if fp16 and engine != "tensorrt":
-        raise ConfigError("--fp16 only applies to --engine tensorrt")
-    if engine == "tensorrt":  # fail before the export work when TensorRT cannot be used here
-        from mexit.export.tensorrt import import_tensorrt
+    if (fp16 or tf32) and engine != "tensorrt":
+        raise ConfigError("--fp16 and --tf32 only apply to --engine tensorrt")
+    if fp16 and tf32:
+        raise ConfigError("--tf32 applies to FP32 engines; drop it with --fp16")
+    if max_batch < 1 or not 1 <= opt_batch <= max_batch:
+        raise ConfigError(f"need 1 <= --opt-batch <= --max-batch, got {opt_batch} and {max_batch}")
+    if engines_only and engine != "tensorrt":
+        raise ConfigError("--engines-only builds TensorRT engines: add --engine tensorrt")
+    if not engines_only and out_dir is None:
+        raise ConfigError("--out is required (the bundle directory to write), unless --engines-only")
+    if engine == "tensorrt":  # fail before the export work when TensorRT, cuda-python or the GPU is missing
+        from mexit.export.tensorrt import check_build_support
 
-        import_tensorrt()
+        check_build_support(fp16=fp16, device_id=device)
+    if engines_only:
+        from mexit.export.tensorrt import build_engines
+
+        engines = build_engines(run_dir, fp16=fp16, tf32=tf32, max_batch=max_batch, opt_batch=opt_batch,
+                                device_id=device, overwrite=overwrite)
+        click.echo(f"TensorRT engines written to {engines}")
+        return
+    assert out_dir is not None
+    from mexit.export import export_bundle
+    from mexit.train.runner import load_run
+
     run = load_run(run_dir, data_root=data_root)
     role = getattr(run.config, "role", "target")
     val_idx = run.splits.shadow_val if role == "shadow" else run.splits.target_val
@@ -68,7 +97,8 @@ def command(run_dir: Path, out_dir: Path, engine: str, fp16: bool, max_batch: in
     if engine == "tensorrt":
         from mexit.export.tensorrt import build_engines
 
-        engines = build_engines(bundle_dir, fp16=fp16, max_batch=max_batch)
+        engines = build_engines(bundle_dir, fp16=fp16, tf32=tf32, max_batch=max_batch, opt_batch=opt_batch,
+                                device_id=device)
         click.echo(f"TensorRT engines written to {engines}")
 
 

@@ -12,8 +12,8 @@ import click
 @click.option("--quiet", is_flag=True, help="Print only the report path.")
 def command(run_dir: Path, quiet: bool) -> None:
     """Rebuild RUN_DIR/report.html (a finished `mexit audit` run) without re-running anything."""
-    from mexit.audit.pipeline import load_results
     from mexit.audit.report import build_report, summary_table
+    from mexit.audit.results import load_results
 
     path = build_report(run_dir)
     if not quiet:

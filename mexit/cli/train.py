@@ -28,14 +28,20 @@ import click
               help="Use at most this many samples per split (quick runs on CPU).")
 @click.option("--tolerance", type=float, default=0.01, show_default=True,
               help="Accuracy drop allowed when searching the early-exit threshold.")
+@click.option("--tau-rule", type=click.Choice(["vanilla", "final-exit"]), default=None,
+              help="How the early-exit threshold is picked: 'vanilla' (the paper's: within --tolerance of the vanilla "
+              "model's validation accuracy; needs --vanilla-run) or 'final-exit' (of this model's own last exit). "
+              "Default: vanilla when --vanilla-run is given, else final-exit.")
+@click.option("--vanilla-run", type=click.Path(path_type=Path), default=None,
+              help="Finished 1-exit run (same --arch and --dataset) whose validation accuracy the vanilla rule uses.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads (default: all cores).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
-def command(out_dir: Path, **kwargs: Any) -> None:
+def command(out_dir: Path, tau_rule: str | None, vanilla_run: Path | None, **kwargs: Any) -> None:
     """Train a multi-exit model jointly and search its early-exit threshold."""
     from mexit.train.runner import make_config, train_run
 
     config = make_config(**kwargs)
-    result = train_run(config, out_dir)
+    result = train_run(config, out_dir, tau_rule=tau_rule, vanilla_run=vanilla_run)
     acc = result["final_exit"]
     tau = result["threshold"]
     click.echo(
@@ -47,10 +53,18 @@ def command(out_dir: Path, **kwargs: Any) -> None:
             f"  exit {row['exit']}: test {row['test_accuracy']:.4f}  train {row['train_accuracy']:.4f}  "
             f"FLOPs {row['flops']:,} ({row['flops_fraction']:.2f})"
         )
+    rule = tau.get("rule", "final-exit")
+    ref = "vanilla model" if rule == "vanilla" else "final exit"
     click.echo(
-        f"threshold tau={tau['tau']:.2f}: validation accuracy {tau['accuracy']:.4f} "
-        f"(final exit {tau['reference_accuracy']:.4f}) at {tau['flops_fraction']:.2f} of full-depth FLOPs"
+        f"threshold tau={tau['tau']:.2f} ({rule} rule): validation accuracy {tau['accuracy']:.4f} "
+        f"({ref} {tau['reference_accuracy']:.4f}) at {tau['flops_fraction']:.2f} of full-depth FLOPs"
+        + ("" if tau.get("within_tolerance", True) else "; no tau was within the tolerance, the most accurate is used")
     )
+    dep = result.get("deployed")
+    if dep:
+        click.echo(f"deployed at tau={dep['tau']:.2f}: members (train) {dep['train_accuracy']:.4f}, non-members "
+                   f"(test) {dep['test_accuracy']:.4f} (final exit {acc['train_accuracy']:.4f} / "
+                   f"{acc['test_accuracy']:.4f})")
     click.echo(f"run written to {out_dir}")
 
 

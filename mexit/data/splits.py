@@ -16,20 +16,18 @@ parts. Each part is finally shuffled, so any prefix of it is a random sample.
 
 from __future__ import annotations
 
-import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mexit._io import atomic_path
+from mexit._io import load_npz, save_npz
 from mexit.errors import ConfigError, DataError
 
 PARTS = ("target_train", "target_val", "target_test", "shadow_train", "shadow_val", "shadow_test")
 MAIN_PARTS = ("target_train", "target_test", "shadow_train", "shadow_test")
 MIN_VAL_PER_SPLIT = 50
-FORMAT = "mexit.splits/1"
+FORMAT = "mexit.splits/2"  # 2: seed and sizes in the JSON header (mexit._io.save_npz)
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,10 +73,8 @@ class Splits:
                             "made for another dataset: delete the splits file to make new ones")
 
     def save(self, path: str | Path) -> None:
-        """Write an ``.npz`` (the six arrays, seed, sizes, format tag) atomically."""
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **self.as_dict(), seed=np.int64(self.seed), format=np.str_(FORMAT),
-                     sizes=np.str_(json.dumps(self.sizes(), sort_keys=True)))
+        """Write an ``.npz`` (the six arrays; seed, sizes and format tag in its header) atomically."""
+        save_npz(path, self.as_dict(), {"format": FORMAT, "seed": int(self.seed), "sizes": self.sizes()})
 
     @classmethod
     def load(cls, path: str | Path) -> Splits:
@@ -87,13 +83,14 @@ class Splits:
         if not path.is_file():
             raise DataError(f"splits file {path} does not exist; run the training stage again to create it")
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                if str(npz["format"]) != FORMAT:
-                    raise ValueError(f"format {str(npz['format'])!r}, expected {FORMAT!r}")
-                arrays = {name: npz[name] for name in PARTS}
-                seed = int(npz["seed"])
-                sizes = json.loads(str(npz["sizes"]))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            header, arrays = load_npz(path, PARTS)
+            if header.get("format") != FORMAT:
+                raise ValueError(f"format {header.get('format')!r}, expected {FORMAT!r}")
+            if set(arrays) != set(PARTS):
+                raise ValueError(f"missing parts {sorted(set(PARTS) - set(arrays))}")
+            seed = int(header["seed"])
+            sizes = dict(header["sizes"])
+        except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"cannot read splits file {path} ({type(exc).__name__}: {exc}); it is damaged or not a "
                             "mexit splits file: delete it to make new splits") from None
         for name, arr in arrays.items():
@@ -164,3 +161,28 @@ def _spread(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     return np.floor((np.arange(k) + rng.random()) * (n / k)).astype(np.int64)
 
+
+
+def check_disjoint(target: Splits, shadow: Splits, *, target_role: str = "target", shadow_role: str = "shadow",
+                   what: str = "target and shadow runs") -> None:
+    """ConfigError naming the overlap unless the target's and the shadow's data are disjoint.
+
+    Separately trained runs attacked together (a target and the adversary's shadow) must not share samples:
+    the shadow's members would be the target's members or non-members, and the attack would be calibrated on
+    the data it is scored on. Runs made with the same seed share one partition and pass; runs made with
+    different seeds (or different ``--limit``) generally overlap and are refused. ``*_role`` says which half of
+    each run's splits that run used (a run trained with ``--role shadow`` used the ``shadow_*`` parts).
+    """
+    def used(s: Splits, role: str) -> dict[str, np.ndarray]:
+        if role not in ("target", "shadow"):
+            raise ConfigError(f"role must be 'target' or 'shadow', got {role!r}")
+        return {f"{role}_{p}": getattr(s, f"{role}_{p}") for p in ("train", "val", "test")}
+
+    for t_name, t_idx in used(target, target_role).items():
+        for s_name, s_idx in used(shadow, shadow_role).items():
+            common = np.intersect1d(t_idx, s_idx)
+            if len(common):
+                raise ConfigError(
+                    f"{what} overlap: {len(common)} samples of the target's {t_name} (split seed {target.seed}) are "
+                    f"in the shadow's {s_name} (split seed {shadow.seed}), e.g. index {int(common[0])}; train both "
+                    "with the same --seed and --limit so their splits come from one partition")

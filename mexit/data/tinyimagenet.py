@@ -3,9 +3,15 @@
 The labelled images are ``train/<wnid>/images/*.JPEG`` (500 per class) and ``val/images/*.JPEG``
 (labels in ``val/val_annotations.txt``); both are pooled, since the 4-way split re-partitions
 everything (``test/`` has no labels and is ignored). Classes follow the order of ``wnids.txt``. The
-real set contains some grayscale JPEGs, so every image is converted to RGB (and resized to 64x64 if it
-is not). Decoding 110,000 JPEGs takes a while, so it runs in a thread pool (Pillow releases the GIL)
-behind a progress bar.
+real set contains some grayscale JPEGs, so every image is converted to RGB.
+
+Image size: the copy's own. The first training image decides it: a 32x32 copy (a common downsampled variant)
+is used at 32x32 — the image backbones have a 32-px variant — rather than silently upsampled, and the loader
+says so in one log line; any image of another size is resized to that size (also said once).
+
+Decoding is lazy: ``Dataset.x`` is a :class:`LazyImages` that decodes an image the first time it is indexed
+(in a thread pool: Pillow releases the GIL), so ``mexit train --limit 200`` decodes the ~1,000 images of its
+split instead of all 110,000 (~45 s). Labels come from the file layout alone, which is all the split needs.
 """
 
 from __future__ import annotations
@@ -48,11 +54,82 @@ def load_tinyimagenet(root: Path | None) -> Dataset:
     for path, label in _val_files(folder, index):
         files.append(path)
         labels.append(label)
-    x = _decode_all(files)
-    log.info("loaded tinyimagenet: %d images of %d classes from %s", len(files), len(wnids), folder)
-    return Dataset(name="tinyimagenet", x=x, y=np.asarray(labels, dtype=np.int64), num_classes=len(wnids),
-                   kind="image", input_shape=(3, SIZE, SIZE), normalization=TINYIMAGENET_NORMALIZATION,
-                   class_names=_class_names(folder / "words.txt", wnids))
+    size = _native_size(files[0]) if files else SIZE
+    if size != SIZE:
+        log.info("tinyimagenet copy in %s has %dx%d images: using them at that size (no upsampling to %dx%d)",
+                 folder, size, size, SIZE, SIZE)
+    x = LazyImages(files, size)
+    log.info("indexed tinyimagenet: %d images of %d classes from %s (decoded on first use)", len(files),
+             len(wnids), folder)
+    return Dataset(name="tinyimagenet", x=x, y=np.asarray(labels, dtype=np.int64),  # type: ignore[arg-type]
+                   num_classes=len(wnids), kind="image", input_shape=(3, size, size),
+                   normalization=TINYIMAGENET_NORMALIZATION, class_names=_class_names(folder / "words.txt", wnids))
+
+
+def _native_size(path: Path) -> int:
+    """32 for a 32x32 copy, else the standard 64 (every other size is resized to it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return 32 if img.size == (32, 32) else SIZE
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"cannot decode {path}: {type(exc).__name__}: {exc}; replace the file or extract "
+                        f"{TINYIMAGENET_URL} again") from None
+
+
+class LazyImages:
+    """A read-only ``(n, 3, size, size)`` uint8 array of image files that decodes each image on first access.
+
+    Supports what :class:`~mexit.data.Dataset` and the training code use: ``len``, ``shape``, ``dtype``,
+    ``ndim``, indexing by an int, a slice, an index array or a boolean mask (returning a NumPy array), and
+    ``np.asarray``/``astype`` (which decode everything). Decoded images are kept, so nothing is decoded twice.
+    """
+
+    def __init__(self, files: list[Path], size: int) -> None:
+        self.files, self.size = list(files), int(size)
+        self._cache = np.empty((len(self.files), 3, self.size, self.size), dtype=np.uint8)  # pages on demand
+        self._done = np.zeros(len(self.files), dtype=bool)
+        self._resize_noted = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._cache.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._cache.dtype
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def decoded(self) -> int:
+        """How many images have been decoded so far."""
+        return int(self._done.sum())
+
+    def __getitem__(self, idx: object) -> np.ndarray:
+        rows = np.arange(len(self.files))[idx]  # type: ignore[index]
+        self._ensure(np.unique(np.atleast_1d(rows)))
+        return self._cache[idx]  # type: ignore[index]
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        self._ensure(np.arange(len(self.files)))
+        return self._cache if dtype is None else self._cache.astype(dtype)
+
+    def astype(self, dtype: object) -> np.ndarray:
+        return np.asarray(self).astype(dtype)
+
+    def _ensure(self, rows: np.ndarray) -> None:
+        todo = rows[~self._done[rows]]
+        if len(todo) == 0:
+            return
+        for i, img in zip(todo, _decode_all([self.files[i] for i in todo], self.size), strict=True):
+            self._cache[i] = img
+        self._done[todo] = True
 
 
 def _read_wnids(path: Path) -> list[str]:
@@ -121,27 +198,34 @@ def _class_names(words: Path, wnids: list[str]) -> list[str]:
     return [names.get(w, w) for w in wnids]
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(path: Path, size: int = SIZE) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")
-            if rgb.size != (SIZE, SIZE):
-                rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+            if rgb.size != (size, size):
+                if not _RESIZE_LOGGED:
+                    _RESIZE_LOGGED.append(path)
+                    log.info("tinyimagenet: resizing images that are not %dx%d (first: %s, %dx%d)", size, size,
+                             path.name, *rgb.size)
+                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"cannot decode {path}: {type(exc).__name__}: {exc}; replace the file or extract "
                         f"{TINYIMAGENET_URL} again") from None
 
 
-def _decode_all(files: list[Path]) -> np.ndarray:
-    x = np.empty((len(files), 3, SIZE, SIZE), dtype=np.uint8)
+_RESIZE_LOGGED: list[Path] = []  # one log line per process, not one per image
+
+
+def _decode_all(files: list[Path], size: int = SIZE) -> np.ndarray:
+    x = np.empty((len(files), 3, size, size), dtype=np.uint8)
     pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
     bar = tqdm(total=len(files), desc="decoding TinyImageNet", unit="img", leave=False,
                disable=len(files) < _PROGRESS_MIN_IMAGES)
     try:
-        for i, img in enumerate(pool.map(_decode, files)):
+        for i, img in enumerate(pool.map(lambda f: _decode(f, size), files)):
             x[i] = img
             bar.update(1)
     finally:

@@ -3,10 +3,15 @@
 It wraps any :class:`mexit.runtime.types.Runtime` and is one itself, so the server (or an attack run
 against a local deployment) uses it unchanged. At start-up it calibrates the clean time ``t_exit`` of
 every exit (Algorithm 1, line 5): the median wall time of a batch-1 call that leaves at that exit. Per
-request it computes the prediction, then holds the response until ``arrival + max_i target_i`` —
+request it computes the prediction, then holds the response until ``start + max_i target_i`` (``start``:
+when inference began, so queueing is not part of the target; see ``release_from``) —
 ``time.sleep`` in :meth:`predict`, ``asyncio.sleep`` in :meth:`predict_async` so that a waiting response
 does not hold up other requests. A request whose compute already overran its target returns at once
-(the guard only ever adds time). ``latency_ns`` of the returned prediction is the *released* latency,
+(the guard only ever adds time) and is counted in :attr:`GuardedRuntime.overruns`.
+
+Calibration keeps every measurement per exit (:class:`~mexit.defense.calibration.CleanTimes`), not only
+the median: padding and the optimal schedule release at high quantiles, and a policy with a ``fit``
+method is fitted on them at construction. ``latency_ns`` of the returned prediction is the *released* latency,
 what a client observes, the same for every sample of the batch since they leave together.
 """
 
@@ -17,10 +22,11 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from mexit.defense.calibration import CleanTimes
 from mexit.defense.timeguard import DelayPolicy, check_clean_times
 from mexit.errors import ConfigError
 from mexit.runtime.types import Prediction, Runtime
@@ -29,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_REPEATS = 20
 _NS = 1_000_000_000
+# The last stretch before a release is busy-waited: a sleep overshoots by an amount that grows with its
+# length on a loaded machine, so a shallow exit (long sleep) would leave measurably later than a deep one
+# (short sleep) — measured live on the default audit: padding's exit-ranking AUC fell to 0.16, i.e. inverted.
+SPIN_NS = 300_000
 
 
 def _accepts_force_exit(predict: Callable[..., Any]) -> bool | None:
@@ -48,8 +58,8 @@ def _timed(predict: Callable[..., Prediction], x: np.ndarray, **kwargs: Any) -> 
     return time.perf_counter_ns() - start, pred
 
 
-def _calibrate_forced(runtime: Runtime, inputs: np.ndarray, repeats: int, warmup: int) -> np.ndarray | None:
-    """Median batch-1 wall time per exit with ``force_exit=k``; None when the runtime refuses the keyword."""
+def _calibrate_forced(runtime: Runtime, inputs: np.ndarray, repeats: int, warmup: int) -> list[list[int]] | None:
+    """Batch-1 wall times (ns) per exit with ``force_exit=k``; None when the runtime refuses the keyword."""
     num_exits = runtime.num_exits
     samples: list[list[int]] = [[] for _ in range(num_exits)]
     try:
@@ -69,11 +79,11 @@ def _calibrate_forced(runtime: Runtime, inputs: np.ndarray, repeats: int, warmup
         if _accepts_force_exit(runtime.predict) is True:
             raise  # it does take force_exit, so the TypeError is a real bug
         return None
-    return np.array([np.median(s) for s in samples], dtype=np.float64) / _NS
+    return samples
 
 
-def _calibrate_observed(runtime: Runtime, inputs: np.ndarray, repeats: int, warmup: int) -> np.ndarray:
-    """Median batch-1 wall time per exit over the exits the calibration inputs naturally take."""
+def _calibrate_observed(runtime: Runtime, inputs: np.ndarray, repeats: int, warmup: int) -> list[list[int]]:
+    """Batch-1 wall times (ns) per exit over the exits the calibration inputs naturally take."""
     num_exits = runtime.num_exits
     for w in range(warmup):
         runtime.predict(inputs[w % len(inputs)][None])
@@ -82,29 +92,32 @@ def _calibrate_observed(runtime: Runtime, inputs: np.ndarray, repeats: int, warm
         for i in range(len(inputs)):
             elapsed, pred = _timed(runtime.predict, inputs[i : i + 1])
             samples[int(pred.exit_index[0])].append(elapsed)
-    times = np.array([np.median(s) if s else np.nan for s in samples], dtype=np.float64) / _NS
-    missing = np.flatnonzero(np.isnan(times))
-    if missing.size == num_exits:
+    if not any(samples):
         raise ConfigError("calibration produced no timings; pass non-empty calibration_inputs")
-    if missing.size:
-        # No sample left there: borrow the next deeper exit's time (an over-estimate, so the guard
-        # errs towards more delay), or the slowest observed exit for exits past the last observed one.
-        observed = np.flatnonzero(~np.isnan(times))
-        for k in missing:
-            deeper = observed[observed > k]
-            times[k] = times[deeper[0]] if deeper.size else np.nanmax(times)
-        logger.warning("no calibration input left at exit(s) %s; their clean time was filled from deeper exits. "
-                       "Pass more varied calibration_inputs, or a runtime that supports force_exit.",
-                       missing.tolist())
-    return times
+    missing = [k for k in range(num_exits) if not samples[k]]
+    if missing:
+        # CleanTimes.filled() borrows the next deeper exit's times (an over-estimate, so the guard errs
+        # towards more delay), or the slowest observed exit's for exits past the last observed one.
+        logger.warning("no calibration input left at exit(s) %s; their clean time is filled from deeper exits. "
+                       "Pass more varied calibration_inputs, or a runtime that supports force_exit.", missing)
+    return samples
 
 
-def calibrate_clean_times(runtime: Runtime, calibration_inputs: np.ndarray | None = None, *,
-                          repeats: int = DEFAULT_REPEATS, warmup: int = 2) -> tuple[np.ndarray, str]:
-    """Per-exit clean time (seconds) and the method used (``"force_exit"`` or ``"observed"``).
+def _natural_counts(runtime: Runtime, inputs: np.ndarray | None) -> np.ndarray | None:
+    """How many calibration inputs take each exit (the exit shares), from one batched prediction."""
+    if inputs is None:
+        return None
+    exits = np.asarray(runtime.predict(inputs).exit_index, dtype=np.int64)
+    return np.bincount(exits, minlength=runtime.num_exits)[: runtime.num_exits]
+
+
+def calibrate_samples(runtime: Runtime, calibration_inputs: np.ndarray | None = None, *,
+                      repeats: int = DEFAULT_REPEATS, warmup: int = 2) -> tuple[CleanTimes, str]:
+    """Every batch-1 clean-time measurement per exit (seconds) and the method (``"force_exit"``/``"observed"``).
 
     Uses the runtime's ``predict(x, force_exit=k)`` when it has one (any input then measures every
     exit; zeros are used if no inputs are given), else the exits the calibration inputs really take.
+    The exit shares are those of the calibration inputs (uniform under ``force_exit`` without inputs).
     """
     if repeats < 1:
         raise ConfigError(f"calibration repeats must be >= 1, got {repeats}")
@@ -113,24 +126,50 @@ def calibrate_clean_times(runtime: Runtime, calibration_inputs: np.ndarray | Non
         raise ConfigError("calibration_inputs must be a non-empty batch (n, *input_shape)")
     if _accepts_force_exit(runtime.predict) is not False:
         probe = inputs if inputs is not None else np.zeros((1, *runtime.input_shape), dtype=np.float32)
-        times = _calibrate_forced(runtime, probe, repeats, warmup)
-        if times is not None:
-            return times, "force_exit"
+        forced = _calibrate_forced(runtime, probe, repeats, warmup)
+        if forced is not None:
+            ns = [np.asarray(v, dtype=np.float64) / _NS for v in forced]
+            return CleanTimes.from_samples(ns, _natural_counts(runtime, inputs)), "force_exit"
     if inputs is None:
         raise ConfigError("this runtime has no predict(..., force_exit=k), so GuardedRuntime needs "
                           "calibration_inputs (a batch of typical inputs) or explicit clean_times_s")
-    return _calibrate_observed(runtime, inputs, repeats, warmup), "observed"
+    observed = _calibrate_observed(runtime, inputs, repeats, warmup)
+    ns = [np.asarray(v, dtype=np.float64) / _NS for v in observed]
+    return CleanTimes.from_samples(ns, np.array([len(v) for v in observed]) // repeats), "observed"
+
+
+def calibrate_clean_times(runtime: Runtime, calibration_inputs: np.ndarray | None = None, *,
+                          repeats: int = DEFAULT_REPEATS, warmup: int = 2) -> tuple[np.ndarray, str]:
+    """Per-exit median clean time (seconds) and the method used; see :func:`calibrate_samples`."""
+    clean, method = calibrate_samples(runtime, calibration_inputs, repeats=repeats, warmup=warmup)
+    return clean.medians(), method
+
+
+def _spin_until(release_ns: int) -> None:
+    """Busy-wait (yielding the GIL) until ``perf_counter_ns() >= release_ns``; at most ~SPIN_NS after a sleep."""
+    while time.perf_counter_ns() < release_ns:
+        time.sleep(0)
 
 
 class GuardedRuntime:
     """A :class:`Runtime` that releases each response at the delay policy's target latency.
 
-    ``clean_times_s`` skips calibration (e.g. times measured by an earlier audit); otherwise they are
-    calibrated at construction from ``calibration_inputs`` with ``repeats`` batch-1 calls per exit.
+    ``clean_times`` (distributions) or ``clean_times_s`` (medians only: enough for TimeGuard, not for
+    padding or the optimal schedule) skip calibration (e.g. times measured by an earlier audit);
+    otherwise they are calibrated at construction from ``calibration_inputs`` with ``repeats`` batch-1
+    calls per exit. A policy with ``fit(CleanTimes)`` is fitted here, so a policy that cannot be
+    calibrated fails at construction, never at the first request.
+
+    ``release_from="compute"`` (default) counts the target from when inference starts, so time spent
+    queueing behind other requests is added on top instead of eating into the target: counted from arrival
+    (``"arrival"``, the former behaviour), a loaded server overruns almost every target (measured: 99.7 % at
+    concurrency 8 on a compute-bound toy runtime) and releases at completion, which shows the exit again.
     """
 
     def __init__(self, runtime: Runtime, policy: DelayPolicy, *, calibration_inputs: np.ndarray | None = None,
-                 repeats: int = DEFAULT_REPEATS, clean_times_s: np.ndarray | None = None, warmup: int = 2) -> None:
+                 repeats: int = DEFAULT_REPEATS, clean_times_s: np.ndarray | None = None, warmup: int = 2,
+                 clean_times: CleanTimes | None = None,
+                 release_from: Literal["compute", "arrival"] = "compute") -> None:
         if not isinstance(runtime, Runtime):
             raise ConfigError(f"GuardedRuntime wraps a Runtime (input_shape, num_classes, num_exits, predict); "
                               f"got {type(runtime).__name__}")
@@ -139,15 +178,31 @@ class GuardedRuntime:
                               f"got {type(policy).__name__}")
         self._runtime = runtime
         self.policy = policy
-        if clean_times_s is not None:
+        clean: CleanTimes | None = clean_times
+        if clean is not None:
+            times, method = clean.medians(), "given"
+        elif clean_times_s is not None:
             times = check_clean_times(clean_times_s)
             method = "given"
         else:
-            times, method = calibrate_clean_times(runtime, calibration_inputs, repeats=repeats, warmup=warmup)
+            clean, method = calibrate_samples(runtime, calibration_inputs, repeats=repeats, warmup=warmup)
+            times = clean.medians()
         if times.size != runtime.num_exits:
             raise ConfigError(f"clean_times_s has {times.size} entries but the runtime has {runtime.num_exits} exits")
+        fit = getattr(policy, "fit", None)
+        if callable(fit):
+            if clean is None:
+                raise ConfigError(f"{type(policy).__name__} needs clean-time distributions: pass clean_times "
+                                  f"(CleanTimes) or let GuardedRuntime calibrate, not clean_times_s")
+            fit(clean)
         self._clean_times_s = times
+        self.clean_times = clean
         self.calibration_method = method
+        if release_from not in ("compute", "arrival"):
+            raise ConfigError(f"release_from must be 'compute' or 'arrival', got {release_from!r}")
+        self.release_from = release_from
+        self.requests = 0
+        self.overruns = 0
         logger.info("GuardedRuntime clean times per exit (ms, %s): %s", method,
                     np.array2string(times * 1e3, precision=3))
 
@@ -174,13 +229,23 @@ class GuardedRuntime:
         """Calibrated per-exit clean times in seconds (a copy)."""
         return self._clean_times_s.copy()
 
-    def _infer(self, x: np.ndarray, full_depth: bool) -> tuple[Prediction, int]:
-        """Prediction and the batch's release offset in ns (the latest per-sample target)."""
+    def _infer(self, x: np.ndarray, full_depth: bool) -> tuple[Prediction, int, int]:
+        """Prediction, the batch's release offset in ns (the latest per-sample target) and when compute began."""
+        start = time.perf_counter_ns()
         pred = self._runtime.predict(x, full_depth=full_depth)
         if len(pred) == 0:
-            return pred, 0
+            return pred, 0, start
         targets = self.policy.target_latency_s(np.asarray(x), pred.exit_index, self._clean_times_s)
-        return pred, round(float(np.max(targets)) * _NS)
+        return pred, round(float(np.max(targets)) * _NS), start
+
+    def _release_ns(self, arrival: int, start: int, offset: int) -> int:
+        return (max(arrival, start) if self.release_from == "compute" else arrival) + offset
+
+    def _count(self, release_ns: int) -> None:
+        """Count the request, and an overrun when compute finished after the release time."""
+        self.requests += 1
+        if time.perf_counter_ns() > release_ns:
+            self.overruns += 1
 
     @staticmethod
     def _released(pred: Prediction, arrival_ns: int) -> Prediction:
@@ -192,10 +257,12 @@ class GuardedRuntime:
         """Predict, then block until the policy's release time. ``arrival_ns`` (``perf_counter_ns``)
         lets a server count from when the request arrived; default: when this call started."""
         arrival = time.perf_counter_ns() if arrival_ns is None else int(arrival_ns)
-        pred, offset = self._infer(x, full_depth)
-        release = arrival + offset
-        while (remaining := release - time.perf_counter_ns()) > 0:
-            time.sleep(remaining / _NS)
+        pred, offset, start = self._infer(x, full_depth)
+        release = self._release_ns(arrival, start, offset)
+        self._count(release)
+        while (remaining := release - time.perf_counter_ns()) > SPIN_NS:
+            time.sleep((remaining - SPIN_NS) / _NS)
+        _spin_until(release)
         return self._released(pred, arrival)
 
     async def predict_async(self, x: np.ndarray, *, full_depth: bool = False,
@@ -203,16 +270,23 @@ class GuardedRuntime:
         """Like :meth:`predict`, for servers: inference runs in a worker thread and the wait is an
         ``asyncio.sleep``, so other requests proceed while this one is held back."""
         arrival = time.perf_counter_ns() if arrival_ns is None else int(arrival_ns)
-        pred, offset = await asyncio.to_thread(self._infer, x, full_depth)
-        release = arrival + offset
-        while (remaining := release - time.perf_counter_ns()) > 0:
-            await asyncio.sleep(remaining / _NS)
+        pred, offset, start = await asyncio.to_thread(self._infer, x, full_depth)
+        release = self._release_ns(arrival, start, offset)
+        self._count(release)
+        while (remaining := release - time.perf_counter_ns()) > 2 * SPIN_NS:
+            await asyncio.sleep((remaining - 2 * SPIN_NS) / _NS)
+        if release > time.perf_counter_ns():  # the last stretch in a worker thread, not blocking the loop
+            await asyncio.to_thread(_spin_until, release)
         return self._released(pred, arrival)
 
     def describe(self) -> dict[str, Any]:
         """Policy settings and calibration, for reports and provenance (no secrets)."""
         policy = self.policy.describe() if hasattr(self.policy, "describe") else {"policy": type(self.policy).__name__}
-        return {**policy, "clean_times_s": self._clean_times_s.tolist(), "calibration": self.calibration_method}
+        out = {**policy, "clean_times_s": self._clean_times_s.tolist(), "calibration": self.calibration_method,
+               "requests": self.requests, "overruns": self.overruns}
+        if self.clean_times is not None:
+            out["clean_time_quantiles"] = self.clean_times.describe()
+        return out
 
     def __repr__(self) -> str:
         return f"GuardedRuntime({self._runtime!r}, policy={self.policy!r})"

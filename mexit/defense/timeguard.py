@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
-from scipy.special import erfinv
+from scipy.special import erf, erfinv
 
 from mexit.defense.hashing import InputHasher
 from mexit.defense.keys import SecretKey, as_secret_key
@@ -144,6 +144,22 @@ class TimeGuard:
         delays = self.delays_s(x_batch)
         return times[_check_exits(exit_index, delays.size, times.size)] + delays
 
+    def release_cdf(self, exit_k: int, grid_s: np.ndarray, clean_times_s: np.ndarray) -> np.ndarray:
+        """CDF over inputs of exit ``exit_k``'s release time on ``grid_s``: ``t_k`` + a (capped) half-normal.
+
+        The keyed uniform is uniform over inputs, so this is the exact distribution the Bayes bound
+        (:mod:`mexit.defense.bayes`) needs.
+        """
+        t_k = float(check_clean_times(clean_times_s)[int(exit_k)])
+        d = np.asarray(grid_s, dtype=np.float64) - t_k
+        if self.sigma_s == 0:
+            cdf = (d >= 0).astype(np.float64)
+        else:
+            cdf = np.where(d >= 0, erf(np.maximum(d, 0.0) / (self.sigma_s * math.sqrt(2.0))), 0.0)
+        if self.cap_s is not None:
+            cdf = np.where(d >= self.cap_s, 1.0, cdf)
+        return cdf
+
     def describe(self) -> dict[str, Any]:
         """Settings for reports and provenance (never the key or salt)."""
         return {"policy": "timeguard", "sigma_s": self.sigma_s, "cap_s": self.cap_s, "hasher": self.hasher.name,
@@ -169,6 +185,11 @@ class ConstantTimePadding:
         n = int(np.asarray(x_batch).shape[0]) if np.ndim(x_batch) else 1
         _check_exits(exit_index, n, times.size)
         return np.full(n, times[-1] + self.margin_s, dtype=np.float64)
+
+    def release_cdf(self, exit_k: int, grid_s: np.ndarray, clean_times_s: np.ndarray) -> np.ndarray:
+        """CDF of the release time on ``grid_s``: a step at the final exit's clean time plus the margin."""
+        release = float(check_clean_times(clean_times_s)[-1]) + self.margin_s
+        return (np.asarray(grid_s, dtype=np.float64) >= release).astype(np.float64)
 
     def describe(self) -> dict[str, Any]:
         return {"policy": "constant_time_padding", "margin_s": self.margin_s}

@@ -15,12 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from mexit.bundle import ParityReport
 from mexit.errors import BundleError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,11 @@ class StageIO:
 
 
 def _session(path: Path) -> ort.InferenceSession:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BundleError('the ONNX parity check needs ONNX Runtime: pip install "mexit[cpu]" (or "mexit[gpu]" on '
+                          "an NVIDIA GPU machine)") from None
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1

@@ -1,4 +1,4 @@
-"""Execution backends for the chained early-exit runtime, and their registry.
+"""The backend contract, and the ONNX Runtime backends (CPU and GPU).
 
 A backend runs the bundle's graphs; the runtime (:mod:`mexit.runtime.chained`) owns the exit logic.
 The contract (:class:`Backend`) is deliberately small:
@@ -12,16 +12,21 @@ The contract (:class:`Backend`) is deliberately small:
   The runtime calls it only when some rows exit and some continue, so the batch-1 path never copies.
 * ``full(x) -> logits``: the full-depth graph (vanilla baseline).
 
-A backend is loaded with the bundle (``Backend(bundle, **options)``; :func:`get_backend` by name).
-``thread_safe`` says whether ``predict`` calls may overlap (the runtime serialises them otherwise) and
-``max_batch`` caps the batch one call may carry (the runtime splits larger batches).
+Backends are registered by name in :mod:`mexit.runtime.registry` (which also documents the options
+every backend takes: ``threads``, ``device``, ``fp16``) and loaded with
+:func:`mexit.runtime.registry.get_backend`. ``thread_safe`` says whether ``predict`` calls may overlap
+(the runtime serialises them otherwise) and ``max_batch`` caps the batch one call may carry (the
+runtime splits larger batches).
 
-Only ONNX Runtime is imported here. TensorRT and PyTorch backends live in their own modules and
-import their heavy packages when constructed, so this module works on a box without them.
+Packaging: exactly one ONNX Runtime build may be installed — ``onnxruntime`` (``pip install mexit[cpu]``)
+or ``onnxruntime-gpu`` (``pip install mexit[gpu]``). Both share the ``onnxruntime`` module, so with both
+installed whichever was installed last wins, usually the CPU one (ORT issues #7748, #26996);
+:func:`ort_install_problem` detects that and says how to repair it.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 from collections.abc import Callable
@@ -29,19 +34,60 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import onnxruntime as ort
 
 from mexit.bundle import Bundle, load_bundle
 from mexit.errors import BackendUnavailableError, BundleError, ConfigError
+from mexit.runtime.registry import get_backend, gpu_index, refuse_gpu_options, register_backend
+
+try:
+    import onnxruntime as ort
+except ImportError as _exc:  # the runtime package still imports: torch/TensorRT backends do not need ORT
+    ort = None
+    _ORT_IMPORT_ERROR: ImportError | None = _exc
+else:
+    _ORT_IMPORT_ERROR = None
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "onnxruntime-gpu", "tensorrt", "torch")
+__all__ = ["Backend", "OrtCpuBackend", "OrtGpuBackend", "get_backend", "session_options"]
 
+#: The repair for a broken GPU install: remove both builds (they share files), then install the GPU one.
 GPU_INSTALL_HINT = (
-    "install onnxruntime-gpu instead of onnxruntime (`pip uninstall onnxruntime && pip install mexit[gpu]`) "
-    "on a machine with an NVIDIA GPU and matching CUDA/cuDNN libraries"
+    'run `pip uninstall -y onnxruntime onnxruntime-gpu && pip install "mexit[gpu]"` on a machine with an NVIDIA '
+    "GPU, its driver, and the CUDA 12 / cuDNN 9 libraries onnxruntime-gpu was built for on the library path"
 )
+CPU_INSTALL_HINT = 'install ONNX Runtime: `pip install "mexit[cpu]"` (or "mexit[gpu]" on an NVIDIA GPU machine)'
+CUDNN_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
+GPU_BACKENDS = "onnxruntime-gpu, tensorrt or torch"
+
+
+def require_ort() -> Any:
+    """The ``onnxruntime`` module, or :class:`BackendUnavailableError` saying how to install it."""
+    if ort is None:
+        raise BackendUnavailableError(f"ONNX Runtime is not importable ({_ORT_IMPORT_ERROR}); {CPU_INSTALL_HINT}")
+    return ort
+
+
+def ort_distributions() -> list[str]:
+    """Installed distributions that provide the ``onnxruntime`` module (normally exactly one)."""
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(dist)
+    return found
+
+
+def ort_install_problem(dists: list[str] | None = None) -> str | None:
+    """What is wrong with the ONNX Runtime install for GPU use, or None (see the module docstring)."""
+    dists = ort_distributions() if dists is None else dists
+    if "onnxruntime" in dists and "onnxruntime-gpu" in dists:
+        return "both onnxruntime and onnxruntime-gpu are installed and they overwrite each other's files"
+    if "onnxruntime-gpu" not in dists:
+        return f"the installed ONNX Runtime is the CPU build ({', '.join(dists) or 'none found'})"
+    return None
 
 
 @runtime_checkable
@@ -61,22 +107,23 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def session_options(*, intra_op_threads: int = 1, spinning: bool = False) -> ort.SessionOptions:
+def session_options(*, threads: int = 1, spinning: bool = False) -> ort.SessionOptions:
     """Explicit ONNX Runtime options for stable, comparable latency.
 
-    One session per stage means N thread pools: ``intra_op_threads`` is pinned (default 1) rather than
+    One session per stage means N thread pools: ``threads`` (intra-op) is pinned (default 1) rather than
     ORT's "all physical cores" default, which oversubscribes the CPU with a chain of sessions and
     makes per-exit latency noisy. Spinning threads cut latency slightly but burn CPU that co-tenants
     (and the timing measurements) feel, so it is off by default. Sequential execution and full graph
     optimisation are ORT's defaults, set here so they are recorded and cannot drift.
     """
-    if intra_op_threads < 1:
-        raise ConfigError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(intra_op_threads)
+    rt = require_ort()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
+    so = rt.SessionOptions()
+    so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = rt.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3
     return so
@@ -117,6 +164,8 @@ def _load_stages(bundle: Bundle, make: Callable[[Path], ort.InferenceSession]) -
     return stages, full
 
 
+@register_backend("onnxruntime", description="ONNX Runtime on the CPU, one session per stage (the default)",
+                  extra="cpu")
 class OrtCpuBackend:
     """ONNX Runtime on the CPU, one session per stage.
 
@@ -125,9 +174,26 @@ class OrtCpuBackend:
     copy), and ORT wraps contiguous float32 numpy inputs without copying either. With
     ``io_binding=True`` features stay ``OrtValue``s passed with ``bind_ortvalue_input``. Both are
     copy-free; measured here (ORT 1.32, 2-stage tiny chain, batch 1) plain ``run`` was ~30 µs per call
-    cheaper than building an IOBinding per call, hence the default (a cached binding would not be
-    thread-safe). ``take`` copies only the surviving rows (one ``np.take``), and only when some rows
-    exit and others continue.
+    cheaper than building an IOBinding per call. ``take`` copies only the surviving rows (one
+    ``np.take``), and only when some rows exit and others continue. ``threads`` is each session's
+    intra-op thread count.
+
+    ``fold_decision=True`` (default; needs the ``onnx`` package, else silently the numpy path): each
+    internal stage's graph gets two more outputs at load time, ``Softmax(logits)`` and its row maximum,
+    so the runtime's max-probability decision is one comparison in Python instead of a numpy softmax
+    per stage (:meth:`run_stage_scored`). The bundle's files are unchanged (the graphs are extended in
+    memory). ORT's softmax differs from numpy's by ~1e-8, so an exit can flip only for a sample whose
+    top probability lies within that distance of the threshold.
+
+    ``single_graph`` (default: on when the ``onnx`` package is importable and the stage files total at
+    most 512 MiB, since the graph holds every weight a second time): batch-1 calls run the whole chain
+    as one graph with nested ``If`` nodes (:func:`early_exit_graph`, :meth:`predict_one`) — one
+    ``run`` per request, and ONNX Runtime still stops at the exit taken. Batches keep the per-stage
+    chain (per-sample exits need compaction between stages).
+
+    Tried and dropped (issue 14): a per-thread cached IOBinding per stage with preallocated output
+    buffers and inputs pre-bound to the previous stage's buffer was ~1 µs per call *slower* than plain
+    ``run`` at batch 1 (tiny 3-exit conv bundle, ORT 1.32, interleaved medians over 3 x 3000 rounds).
     """
 
     name = "onnxruntime"
@@ -138,17 +204,61 @@ class OrtCpuBackend:
         self,
         bundle: Bundle | str | os.PathLike[str],
         *,
-        intra_op_threads: int = 1,
+        threads: int = 1,
+        device: int | str | None = None,
+        fp16: bool = False,
         spinning: bool = False,
         io_binding: bool = False,
+        fold_decision: bool = True,
+        single_graph: bool | None = None,
     ) -> None:
+        refuse_gpu_options(self.name, device, fp16, gpu_backends=GPU_BACKENDS)
+        rt = require_ort()
         self.bundle = load_bundle(bundle)
         self.io_binding = io_binding
-        self.options = {"intra_op_threads": intra_op_threads, "spinning": spinning, "io_binding": io_binding}
-        so = session_options(intra_op_threads=intra_op_threads, spinning=spinning)
-        self._stages, self._full = _load_stages(
-            self.bundle, lambda p: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-        )
+        so = session_options(threads=threads, spinning=spinning)
+        folded = _folded_stage_models(self.bundle) if fold_decision and not io_binding else None
+        self.folds_decision = folded is not None
+        self.options = {"threads": threads, "spinning": spinning, "io_binding": io_binding,
+                        "fold_decision": self.folds_decision}
+
+        def make(path: Path) -> Any:
+            model = folded.get(path) if folded else None
+            return rt.InferenceSession(model if model is not None else str(path), so,
+                                       providers=["CPUExecutionProvider"])
+
+        self._stages, self._full = _load_stages(self.bundle, make)
+        self._scored = [[st.feature, f"{FOLD_PREFIX}probs", f"{FOLD_PREFIX}maxprob"] for st in self._stages]
+        self._single = None
+        if single_graph is None:  # auto: not for models whose weights would be duplicated at great cost
+            size = sum(self.bundle.file(e.stage_file).stat().st_size for e in self.bundle.manifest.exits)
+            single_graph = size <= SINGLE_GRAPH_MAX_BYTES and not io_binding
+        if single_graph:
+            model = early_exit_graph(self.bundle)
+            if model is not None:
+                self._single = rt.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+                self._single_input = self._single.get_inputs()[0].name
+        self.options["single_graph"] = self._single is not None
+
+    @property
+    def has_single_graph(self) -> bool:
+        """Whether :meth:`predict_one` is available (see :func:`early_exit_graph`)."""
+        return self._single is not None
+
+    def predict_one(self, x: np.ndarray, taus: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
+        """One sample through the single early-exit graph: ``(probs (1, C), exit index)``.
+
+        ``taus`` maps ``mexit_tau{k}`` to a float32 scalar per internal exit (the runtime builds it)."""
+        probs, exit_k = self._single.run([SINGLE_PROBS, SINGLE_EXIT], {self._single_input: x, **taus})
+        return probs, int(exit_k[0])
+
+    def run_stage_scored(self, k: int, inputs: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+        """Internal stage ``k`` with the folded decision: ``(features, probs (n, C), max prob (n,))``.
+
+        Only when :attr:`folds_decision`; the runtime uses it for the ``max_prob`` policy."""
+        st = self._stages[k]
+        features, probs, conf = st.sess.run(self._scored[k], {st.input_name: inputs})
+        return features, probs, conf
 
     def run_stage(self, k: int, inputs: Any) -> tuple[Any | None, np.ndarray]:
         st = self._stages[k]
@@ -179,21 +289,131 @@ class OrtCpuBackend:
         self._stages = []
 
 
-def gather_model_bytes() -> bytes | None:
-    """A one-node ONNX graph ``Gather(data, idx, axis=0)`` for on-device row compaction, or None when the
-    ``onnx`` package (needed only to build it) is not installed."""
+FOLD_PREFIX = "mexit_decision_"
+
+
+def _folded_stage_models(bundle: Bundle) -> dict[Path, bytes] | None:
+    """Every internal stage's graph with ``Softmax(logits)`` and its row maximum as extra outputs
+    (serialised, keyed by the stage file), or None when the ``onnx`` package is not installed."""
     try:
+        import onnx
         from onnx import TensorProto, helper
     except ImportError:
         return None
-    data = helper.make_tensor_value_info("data", TensorProto.FLOAT, None)
-    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, ["n"])
-    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
-    graph = helper.make_graph([helper.make_node("Gather", ["data", "idx"], ["out"], axis=0)], "gather",
-                              [data, idx], [out])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8  # old enough for every onnxruntime this package supports
-    return model.SerializeToString()
+    out: dict[Path, bytes] = {}
+    for e in bundle.manifest.exits:
+        if e.feature_output is None:  # the last stage: every sample leaves there, no decision to fold
+            continue
+        path = bundle.file(e.stage_file)
+        model = onnx.load(str(path))
+        graph = model.graph
+        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
+        probs, conf = f"{FOLD_PREFIX}probs", f"{FOLD_PREFIX}maxprob"
+        graph.node.append(helper.make_node("Softmax", [e.logits_output], [probs], axis=1))
+        if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
+            graph.initializer.append(helper.make_tensor(f"{FOLD_PREFIX}axes", TensorProto.INT64, [1], [1]))
+            graph.node.append(helper.make_node("ReduceMax", [probs, f"{FOLD_PREFIX}axes"], [conf], keepdims=0))
+        else:
+            graph.node.append(helper.make_node("ReduceMax", [probs], [conf], axes=[1], keepdims=0))
+        graph.output.append(helper.make_tensor_value_info(probs, TensorProto.FLOAT, None))
+        graph.output.append(helper.make_tensor_value_info(conf, TensorProto.FLOAT, None))
+        out[path] = model.SerializeToString()
+    return out
+
+
+#: Inputs and outputs of the single early-exit graph (:func:`early_exit_graph`).
+SINGLE_TAU = "mexit_tau{}"
+SINGLE_PROBS, SINGLE_EXIT = "mexit_probs", "mexit_exit"
+#: Stage files larger than this in total are not duplicated into a single graph (it holds every weight again).
+SINGLE_GRAPH_MAX_BYTES = 512 << 20
+
+
+def early_exit_graph(bundle: Bundle) -> bytes | None:
+    """The whole early-exit chain of ``bundle`` as ONE graph for batch 1, or None without ``onnx``.
+
+    Stage ``k``'s nodes, then ``Softmax`` of its logits, their maximum and ``max >= tau_k``, then an
+    ``If``: the *then* branch returns (probs, k), the *else* branch holds stage ``k + 1`` and the next
+    decision, nested down to the last stage. ONNX Runtime runs only the branch taken, so one ``run``
+    does exactly the work of a natural exit — no per-stage ``run`` calls, no boundary conversions, no
+    Python between stages. Inputs: the stage-0 input and one float32 scalar ``mexit_tau{k}`` per
+    internal exit (the runtime feeds the policy threshold, or ±inf to force an exit); outputs
+    ``mexit_probs`` (1, C) and ``mexit_exit`` (1,) int64.
+    """
+    try:
+        import onnx
+        from onnx import TensorProto, compose, helper
+    except ImportError:
+        return None
+    m = bundle.manifest
+    k_exits = m.model.num_exits
+    if k_exits < 2:
+        return None
+    stages = [compose.add_prefix(onnx.load(str(bundle.file(e.stage_file))), f"s{e.index}_") for e in m.exits]
+    for k in range(1, k_exits):  # stage k reads stage k-1's feature output from the enclosing scope
+        src, dst = f"s{k}_{m.exits[k].input_name}", f"s{k - 1}_{m.exits[k - 1].feature_output}"
+        for node in stages[k].graph.node:
+            for i, name in enumerate(node.input):
+                if name == src:
+                    node.input[i] = dst
+    opset = max((o.version for o in stages[0].opset_import if o.domain in ("", "ai.onnx")), default=13)
+
+    def out(name: str, dtype: int) -> Any:
+        return helper.make_tensor_value_info(name, dtype, None)
+
+    def exit_const(k: int, name: str) -> Any:
+        value = helper.make_tensor(f"{name}_v", TensorProto.INT64, [1], [k])
+        return helper.make_node("Constant", [], [name], value=value)
+
+    last = m.exits[-1]
+    g = stages[-1].graph
+    p_out, x_out = f"d{k_exits - 1}_p", f"d{k_exits - 1}_x"
+    inner = helper.make_graph(
+        [*g.node, helper.make_node("Softmax", [f"s{k_exits - 1}_{last.logits_output}"], [p_out], axis=1),
+         exit_const(k_exits - 1, x_out)],
+        f"stage{k_exits - 1}", [], [out(p_out, TensorProto.FLOAT), out(x_out, TensorProto.INT64)],
+        initializer=list(g.initializer))
+    for k in range(k_exits - 2, -1, -1):
+        e, g = m.exits[k], stages[k].graph
+        p, conf, cond = f"d{k}_p", f"d{k}_conf", f"d{k}_cond"
+        nodes = [*g.node, helper.make_node("Softmax", [f"s{k}_{e.logits_output}"], [p], axis=1)]
+        inits = list(g.initializer)
+        if opset >= 18:
+            inits.append(helper.make_tensor(f"d{k}_axes", TensorProto.INT64, [1], [1]))
+            nodes.append(helper.make_node("ReduceMax", [p, f"d{k}_axes"], [conf], keepdims=0))
+        else:
+            nodes.append(helper.make_node("ReduceMax", [p], [conf], axes=[1], keepdims=0))
+        nodes.append(helper.make_node("GreaterOrEqual", [conf, SINGLE_TAU.format(k)], [cond]))
+        then = helper.make_graph([helper.make_node("Identity", [p], [f"t{k}_p"]), exit_const(k, f"t{k}_x")],
+                                 f"exit{k}", [], [out(f"t{k}_p", TensorProto.FLOAT), out(f"t{k}_x", TensorProto.INT64)])
+        p_out, x_out = (SINGLE_PROBS, SINGLE_EXIT) if k == 0 else (f"o{k}_p", f"o{k}_x")
+        nodes.append(helper.make_node("If", [cond], [p_out, x_out], then_branch=then, else_branch=inner))
+        outputs = [out(p_out, TensorProto.FLOAT), out(x_out, TensorProto.INT64)]
+        if k > 0:
+            inner = helper.make_graph(nodes, f"stage{k}", [], outputs, initializer=inits)
+            continue
+        inputs = [helper.make_tensor_value_info(f"s0_{e.input_name}", TensorProto.FLOAT, [1, *m.input.sample_shape])]
+        inputs += [helper.make_tensor_value_info(SINGLE_TAU.format(j), TensorProto.FLOAT, [])
+                   for j in range(k_exits - 1)]
+        model = helper.make_model(helper.make_graph(nodes, "early_exit", inputs, outputs, initializer=inits),
+                                  opset_imports=list(stages[0].opset_import))
+        model.ir_version = stages[0].ir_version
+        return model.SerializeToString()
+    return None
+
+
+#: A one-node ONNX graph ``out = Gather(data, idx, axis=0)`` (opset 13, IR 8) for on-device row compaction.
+#: Embedded as bytes so that a runtime-only GPU install (no ``onnx`` package) still compacts on the
+#: device; ``tests/runtime/test_backends.py`` rebuilds it with ``onnx.helper`` and checks it is identical.
+GATHER_MODEL = (
+    b'\x08\x08:^\n%\n\x04data\n\x03idx\x12\x03out"\x06Gather*\x0b\n\x04axis\x18\x00\xa0\x01\x02\x12\x06gather'
+    b"Z\x0c\n\x04data\x12\x04\n\x02\x08\x01Z\x12\n\x03idx\x12\x0b\n\t\x08\x07\x12\x05\n\x03\x12\x01nb\x0b\n\x03out"
+    b"\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r"
+)
+
+
+def gather_model_bytes() -> bytes:
+    """The serialised gather graph (:data:`GATHER_MODEL`); kept as a function for existing callers."""
+    return GATHER_MODEL
 
 
 def _cache_dir() -> Path:
@@ -201,17 +421,30 @@ def _cache_dir() -> Path:
     return Path(base) / "mexit"
 
 
+@register_backend("onnxruntime-gpu", extra="gpu",
+                  description="ONNX Runtime with the CUDA (or, provider=tensorrt, the TensorRT) execution provider")
 class OrtGpuBackend:
     """ONNX Runtime with the CUDA (or TensorRT) execution provider; features stay on the GPU.
 
     Stage inputs are bound with IOBinding: the batch is copied to the device once, each stage's feature
     output is bound to ``cuda`` and handed to the next stage as an ``OrtValue`` (no host round trip),
-    and only the logits are bound to ``cpu`` for the exit decision. Compaction runs a one-node
-    ``Gather`` graph on the device when the ``onnx`` package is available to build it, and otherwise
-    falls back to a host round trip (correct, slower).
+    and only the logits are bound to ``cpu`` for the exit decision. Compaction runs the embedded
+    one-node ``Gather`` graph (:data:`GATHER_MODEL`) on the device.
 
-    ``provider="tensorrt"`` puts ONNX Runtime's TensorRT EP in front of CUDA with an engine cache
-    (``trt_cache_dir``, default ``~/.cache/mexit/ort-trt/<bundle>``) and a batch profile 1..``max_batch``.
+    Options, and why their defaults:
+
+    * ``cudnn_conv_algo_search="HEURISTIC"``: ORT's own default, EXHAUSTIVE, benchmarks every cuDNN
+      algorithm for each new input shape, and compaction produces a new shape (survivor count) at
+      every stage, so the search would land inside timed ``predict`` calls. ``warmup(batch_sizes=…)``
+      pre-pays it when EXHAUSTIVE is wanted.
+    * ``tf32=False``: TF32 convolutions/matmuls drift ~1e-3 from the CPU parity check, enough to flip
+      exits near the threshold; turn it on only with a threshold recalibrated on this backend.
+    * ``fp16`` only with ``provider="tensorrt"`` (ORT's TensorRT EP, engine cache in ``trt_cache_dir``,
+      default ``~/.cache/mexit/ort-trt/<bundle>``, batch profile 1..``max_batch``).
+    * ``threads``: intra-op threads for the nodes ONNX Runtime places on the CPU.
+
+    Never falls back to the CPU silently: a session whose first provider is not the one asked for is
+    refused, and ORT's run-time CPU fall-back is disabled.
     """
 
     name = "onnxruntime-gpu"
@@ -222,31 +455,44 @@ class OrtGpuBackend:
         self,
         bundle: Bundle | str | os.PathLike[str],
         *,
-        device_id: int = 0,
-        provider: str = "cuda",
+        threads: int = 1,
+        device: int | str | None = None,
         fp16: bool = False,
-        trt_cache_dir: str | os.PathLike[str] | None = None,
+        provider: str = "cuda",
+        cudnn_conv_algo_search: str = "HEURISTIC",
+        tf32: bool = False,
+        trt_cache_dir: str | None = None,
         max_batch: int = 256,
-        intra_op_threads: int = 1,
-        cudnn_conv_algo_search: str = "EXHAUSTIVE",
     ) -> None:
         if provider not in ("cuda", "tensorrt"):
             raise ConfigError(f"provider must be 'cuda' or 'tensorrt', got {provider!r}")
+        if fp16 and provider != "tensorrt":
+            raise ConfigError("fp16 needs provider=tensorrt for backend onnxruntime-gpu (or use backend tensorrt)")
+        search = str(cudnn_conv_algo_search).upper()
+        if search not in CUDNN_SEARCH:
+            raise ConfigError(f"cudnn_conv_algo_search must be one of {', '.join(CUDNN_SEARCH)}, got {search!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        rt = require_ort()
         self.bundle = load_bundle(bundle)
-        self.device_id = int(device_id)
-        available = ort.get_available_providers()
+        self.device_id = gpu_index(self.name, device)
+        available = rt.get_available_providers()
         needed = ["CUDAExecutionProvider"] + (["TensorrtExecutionProvider"] if provider == "tensorrt" else [])
         missing = [p for p in needed if p not in available]
         if missing:
+            problem = ort_install_problem()
             raise BackendUnavailableError(
-                f"ONNX Runtime here has no {', '.join(missing)} (available: {', '.join(available)}); {GPU_INSTALL_HINT}"
+                f"ONNX Runtime {getattr(rt, '__version__', '?')} here has no {', '.join(missing)} (available: "
+                f"{', '.join(available)}{'; ' + problem if problem else ''}); {GPU_INSTALL_HINT}"
             )
-        cuda_opts = {"device_id": self.device_id, "cudnn_conv_algo_search": cudnn_conv_algo_search}
-        so = session_options(intra_op_threads=intra_op_threads)
+        cuda_opts = {"device_id": str(self.device_id), "cudnn_conv_algo_search": search,
+                     "use_tf32": "1" if tf32 else "0"}
+        so = session_options(threads=threads)
         manifest = self.bundle.manifest
         cache = Path(trt_cache_dir) if trt_cache_dir else _cache_dir() / "ort-trt" / manifest.full_model.sha256[:16]
         if provider == "tensorrt":
             self.max_batch = int(max_batch)
+            cache.mkdir(parents=True, exist_ok=True)
 
         def providers_for(path: Path) -> list[Any]:
             chain: list[Any] = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
@@ -254,9 +500,9 @@ class OrtGpuBackend:
                 name, shape = self._input_of(path)
                 dims = "x".join(str(d) for d in shape)
                 trt_opts = {
-                    "device_id": self.device_id,
-                    "trt_fp16_enable": bool(fp16),
-                    "trt_engine_cache_enable": True,
+                    "device_id": str(self.device_id),
+                    "trt_fp16_enable": "True" if fp16 else "False",
+                    "trt_engine_cache_enable": "True",
                     "trt_engine_cache_path": str(cache),
                     "trt_profile_min_shapes": f"{name}:1x{dims}",
                     "trt_profile_opt_shapes": f"{name}:1x{dims}",
@@ -265,26 +511,25 @@ class OrtGpuBackend:
                 chain.insert(0, ("TensorrtExecutionProvider", trt_opts))
             return chain
 
-        if provider == "tensorrt":
-            cache.mkdir(parents=True, exist_ok=True)
-
-        def make(path: Path) -> ort.InferenceSession:
-            sess = ort.InferenceSession(str(path), so, providers=providers_for(path))
+        def make(path: Path | bytes) -> Any:
+            what = "the gather graph" if isinstance(path, bytes) else path.name
+            chain = [("CUDAExecutionProvider", cuda_opts)] if isinstance(path, bytes) else providers_for(path)
+            sess = rt.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=chain)
             first = sess.get_providers()[0]
-            if first != needed[-1]:
+            if first != needed[-1] and not isinstance(path, bytes):
                 raise BackendUnavailableError(
-                    f"ONNX Runtime fell back to {first} for {path.name} (CUDA/cuDNN or TensorRT libraries could "
-                    f"not be loaded); {GPU_INSTALL_HINT}"
+                    f"ONNX Runtime fell back to {first} for {what} (the CUDA/cuDNN or TensorRT libraries could not be "
+                    f"loaded, or there is no GPU {self.device_id}); {GPU_INSTALL_HINT}"
                 )
+            if first != "CUDAExecutionProvider" and isinstance(path, bytes):
+                raise BackendUnavailableError(f"ONNX Runtime could not put {what} on the GPU; {GPU_INSTALL_HINT}")
+            disable = getattr(sess, "disable_fallback", None)
+            if callable(disable):  # a CUDA failure at run time must raise, not re-run on the CPU
+                disable()
             return sess
 
         self._stages, self._full = _load_stages(self.bundle, make)
-        self._gather = None
-        model = gather_model_bytes()
-        if model is not None:
-            self._gather = ort.InferenceSession(model, so, providers=[("CUDAExecutionProvider", cuda_opts)])
-        else:
-            log.warning("the onnx package is missing: batch compaction on the GPU will round-trip through the host")
+        self._gather = make(GATHER_MODEL)
 
     def _input_of(self, path: Path) -> tuple[str, tuple[int, ...]]:
         m = self.bundle.manifest
@@ -318,9 +563,6 @@ class OrtGpuBackend:
         return (outs[0] if st.feature else None), outs[-1].numpy()
 
     def take(self, features: Any, idx: np.ndarray) -> Any:
-        if self._gather is None:
-            rows = np.take(features.numpy(), idx, axis=0)
-            return ort.OrtValue.ortvalue_from_numpy(rows, "cuda", self.device_id)
         binding = self._gather.io_binding()
         binding.bind_ortvalue_input("data", features)
         binding.bind_cpu_input("idx", np.ascontiguousarray(idx, dtype=np.int64))
@@ -338,36 +580,3 @@ class OrtGpuBackend:
     def close(self) -> None:
         self._stages = []
         self._gather = None
-
-
-def _tensorrt(bundle: Bundle, **opts: Any) -> Backend:
-    from mexit.runtime.tensorrt_backend import TensorRTBackend
-
-    return TensorRTBackend(bundle, **opts)
-
-
-def _torch(bundle: Bundle, **opts: Any) -> Backend:
-    from mexit.runtime.torch_backend import TorchBackend
-
-    return TorchBackend(bundle, **opts)
-
-
-_REGISTRY: dict[str, Callable[..., Backend]] = {
-    "onnxruntime": OrtCpuBackend,
-    "onnxruntime-gpu": OrtGpuBackend,
-    "tensorrt": _tensorrt,
-    "torch": _torch,
-}
-
-
-def get_backend(name: str, bundle: Bundle | str | os.PathLike[str], **opts: Any) -> Backend:
-    """Load ``bundle`` on the backend called ``name`` (one of :data:`BACKENDS`) with its options."""
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise ConfigError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
-    try:
-        return factory(load_bundle(bundle), **opts)
-    except TypeError as exc:  # a misspelt option: say which backend rejected it
-        if "unexpected keyword" in str(exc):
-            raise ConfigError(f"backend {name!r}: {exc}") from exc
-        raise

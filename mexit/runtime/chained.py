@@ -6,6 +6,11 @@ and carries on with the rest only: their features are compacted (``backend.take`
 ``k + 1``. A batch is therefore never decided from its first sample (a bug of the reference code),
 and a sample's result does not depend on which other samples share its batch.
 
+Backends may take over part of this work for speed (same decisions, probabilities within ~1e-7):
+:class:`~mexit.runtime.backends.OrtCpuBackend` computes softmax and its maximum inside the stage
+graphs (``run_stage_scored``), and runs a batch-1 request through one graph holding the whole early
+exit (``predict_one``, nested ``If`` nodes), so no Python runs between stages.
+
 Latency: ``latency_ns[i]`` is the wall time (``time.perf_counter_ns``) from the start of the ``predict``
 call (input validation included) to the moment sample ``i``'s exit decision was made. Within one
 batch it is therefore non-decreasing in the exit index.
@@ -29,10 +34,11 @@ from typing import Any
 import numpy as np
 
 from mexit.bundle import Bundle, Manifest, load_bundle
-from mexit.errors import InputError
-from mexit.runtime.backends import Backend, get_backend
-from mexit.runtime.policy import ExitPolicy, softmax
-from mexit.runtime.types import Prediction
+from mexit.errors import ConfigError, InputError
+from mexit.runtime.backends import Backend
+from mexit.runtime.policy import ExitPolicy, shifted_exp, softmax
+from mexit.runtime.registry import get_backend
+from mexit.runtime.types import FixedShape, Prediction
 
 
 def validate_inputs(x: Any, input_shape: tuple[int, ...], kind: str) -> np.ndarray:
@@ -83,12 +89,18 @@ def validate_inputs(x: Any, input_shape: tuple[int, ...], kind: str) -> np.ndarr
     return out
 
 
-class EarlyExitRuntime:
+class EarlyExitRuntime(FixedShape):
     """A loaded bundle on one backend, with an exit policy; implements :class:`mexit.runtime.types.Runtime`.
 
     ``policy`` and ``threshold`` default to the bundle's manifest; passing them overrides it for this
-    runtime only (e.g. to sweep thresholds, or re-calibrate for an FP16 backend). ``backend_opts`` go
-    to the backend (e.g. ``intra_op_threads=2`` for ONNX Runtime, ``device="cuda"`` for torch).
+    runtime only (e.g. to sweep thresholds, or re-calibrate for an FP16 or TF32 backend).
+
+    ``backend`` is a registered name (:func:`mexit.runtime.backend_names`) or a ready backend object.
+    ``threads``, ``device`` and ``fp16`` mean the same on every backend (see
+    :mod:`mexit.runtime.registry`; ``None`` leaves the backend's default); ``backend_opts`` are the
+    backend's own options (e.g. ``io_binding=True``, ``provider="tensorrt"``, ``cuda_graphs=True``).
+    Unknown names or options are a :class:`~mexit.errors.ConfigError`. ``intra_op_threads=`` is a
+    deprecated alias of ``threads``.
     """
 
     def __init__(
@@ -98,34 +110,38 @@ class EarlyExitRuntime:
         backend: str | Backend = "onnxruntime",
         policy: str | None = None,
         threshold: float | None = None,
+        threads: int | None = None,
+        device: int | str | None = None,
+        fp16: bool | None = None,
         **backend_opts: Any,
     ) -> None:
         self.bundle = load_bundle(bundle)
         m = self.bundle.manifest
         self.policy = ExitPolicy(policy or m.policy.kind, m.policy.threshold if threshold is None else threshold)
+        common = {"threads": threads, "device": device, "fp16": fp16}
+        opts = {**{k: v for k, v in common.items() if v is not None}, **backend_opts}
         if isinstance(backend, str):
-            self.backend: Backend = get_backend(backend, self.bundle, **backend_opts)
+            self.backend: Backend = get_backend(backend, self.bundle, **opts)
         else:
+            if opts:
+                raise ConfigError(f"backend options {sorted(opts)} given with a ready backend object; "
+                                  "configure the backend itself, or pass its name")
             self.backend = backend
         self._input_shape = tuple(m.input.sample_shape)
         self._kind = m.dataset.kind
         self._num_exits = m.model.num_exits
         self._num_classes = m.model.num_classes
         self._lock: AbstractContextManager[Any] = nullcontext() if self.backend.thread_safe else threading.Lock()
+        # Backends that compute softmax and its maximum inside the stage graphs (OrtCpuBackend with
+        # fold_decision): the max-probability decision is then one comparison per stage.
+        self._scored = self.policy.kind == "max_prob" and bool(getattr(self.backend, "folds_decision", False))
+        # Backends that run a whole batch-1 early exit as one graph (OrtCpuBackend.predict_one), fed one
+        # threshold per internal exit: the policy's, or +-inf to force an exit along the same path.
+        self._one = (getattr(self.backend, "predict_one", None)
+                     if self.policy.kind == "max_prob" and getattr(self.backend, "has_single_graph", False) else None)
+        self._tau_feeds: dict[int | None, dict[str, np.ndarray]] = {}
 
     # --- Runtime protocol -------------------------------------------------------------------------
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self._input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def num_exits(self) -> int:
-        return self._num_exits
-
     @property
     def threshold(self) -> float:
         return float(self.policy.threshold)
@@ -180,49 +196,93 @@ class EarlyExitRuntime:
         exit_index[sl] = self._num_exits - 1
         latency[sl] = now - t0
 
+    def _taus(self, force_exit: int | None) -> dict[str, np.ndarray]:
+        """Per-exit threshold inputs of the single graph: the policy threshold, or force ``force_exit``."""
+        feed = self._tau_feeds.get(force_exit)
+        if feed is None:
+            values = [self.policy.threshold] * (self._num_exits - 1)
+            if force_exit is not None:  # conf >= +inf never holds, conf >= -inf always does
+                values = [np.inf if j != force_exit else -np.inf for j in range(self._num_exits - 1)]
+            feed = {f"mexit_tau{j}": np.array(v, dtype=np.float32) for j, v in enumerate(values)}
+            self._tau_feeds[force_exit] = feed
+        return feed
+
     def _chain(self, x: np.ndarray, offset: int, t0: int, force_exit: int | None, probs: np.ndarray,
                exit_index: np.ndarray, latency: np.ndarray) -> None:
+        if self._one is not None and len(x) == 1:  # the whole early exit in one graph run
+            p, k = self._one(x, self._taus(force_exit))
+            now = time.perf_counter_ns()
+            probs[offset] = p[0]
+            exit_index[offset] = k
+            latency[offset] = now - t0
+            return
         last = self._num_exits - 1
+        policy = self.policy
         # Output rows of the samples still in flight: a plain slice until the first compaction (cheaper
         # than fancy indexing on the common batch-1 path), an index array afterwards.
         active: slice | np.ndarray = slice(offset, offset + len(x))
+        single = len(x) == 1  # batch 1: plain bools instead of mask reductions (the latency-critical path)
         h: Any = x
         for k in range(self._num_exits):
-            features, logits = self.backend.run_stage(k, h)
-            p = softmax(logits)
-            if k == last:
-                probs[active] = p
-                exit_index[active] = k
-                latency[active] = time.perf_counter_ns() - t0
-                return
-            done = self.policy.exits(p)
+            if self._scored and k != last:  # softmax and max probability come out of the stage graph
+                features, p, conf = self.backend.run_stage_scored(k, h)  # type: ignore[attr-defined]
+                done = conf >= policy.threshold
+            else:
+                features, logits = self.backend.run_stage(k, h)
+                if k == last:
+                    probs[active] = softmax(logits)
+                    exit_index[active] = k
+                    latency[active] = time.perf_counter_ns() - t0
+                    return
+                # Decide from the row sums of exp(z - max); divide only the leaving rows (policy.shifted_exp).
+                e, s = shifted_exp(logits)
+                done = policy.exits_shifted(e, s)
+                p = None
             if force_exit is not None:  # the rule ran anyway, so the timing matches a natural exit
                 done[:] = k == force_exit
             now = time.perf_counter_ns()
+            if single:
+                if done[0]:
+                    probs[active] = e / s if p is None else p
+                    exit_index[active] = k
+                    latency[active] = now - t0
+                    return
+                h = features
+                continue
             if done.all():
-                probs[active] = p
+                probs[active] = e / s if p is None else p
                 exit_index[active] = k
                 latency[active] = now - t0
                 return
             if done.any():
                 rows = np.arange(active.start, active.stop) if isinstance(active, slice) else active
-                probs[rows[done]] = p[done]
-                exit_index[rows[done]] = k
-                latency[rows[done]] = now - t0
+                out = rows[done]
+                probs[out] = e[done] / s[done] if p is None else p[done]
+                exit_index[out] = k
+                latency[out] = now - t0
                 keep = np.flatnonzero(~done)
                 h = self.backend.take(features, keep)
                 active = rows[keep]
             else:
                 h = features
 
-    def warmup(self, n: int = 10) -> None:
-        """Run every path (each exit, and the full graph) ``n`` times at batch 1 so that first-call costs
-        (allocations, kernel selection, lazy initialisation) do not land in measured latencies."""
-        dummy = np.zeros((1, *self._input_shape), dtype=np.float32)
+    def warmup(self, n: int = 10, *, batch_sizes: tuple[int, ...] | list[int] | range = (1,)) -> None:
+        """Run every path (each exit, and the full graph) ``n`` times per batch size so that first-call costs
+        (allocations, kernel selection, lazy initialisation) do not land in measured latencies.
+
+        On GPU backends each new batch shape can pay a one-off cost (cuDNN algorithm search, allocator
+        growth); compaction produces every survivor count up to the batch size, so a server taking
+        batches up to B should warm ``batch_sizes=range(1, B + 1)``.
+        """
+        sizes = sorted({int(b) for b in batch_sizes})
+        if not sizes or sizes[0] < 1:
+            raise ConfigError(f"batch_sizes must be positive integers, got {list(batch_sizes)!r}")
         for _ in range(max(0, int(n))):
-            for k in range(self._num_exits):
-                self.predict(dummy, force_exit=k)
-            self.predict(dummy, full_depth=True)
+            for b in sizes:
+                dummy = np.zeros((b, *self._input_shape), dtype=np.float32)
+                for k in range(self._num_exits):
+                    self.predict(dummy, force_exit=k)
+                self.predict(dummy, full_depth=True)
 
     def close(self) -> None:
         self.backend.close()

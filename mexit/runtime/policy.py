@@ -31,6 +31,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
+def shifted_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``e = exp(z - max_c z)`` (a new float32 array) and its row sums ``s`` (n, 1): ``softmax = e / s``.
+
+    Split out of :func:`softmax` so that the runtime can decide an exit from ``s`` alone (the top
+    probability is ``1 / s``: ``e`` is exactly 1 at the arg-max) and divide only the rows that leave.
+    The arithmetic is the same as :func:`softmax`'s, so both give bit-identical probabilities.
+    """
+    z = logits if logits.dtype == np.float32 else np.asarray(logits, dtype=np.float32)
+    e = z - z.max(axis=1, keepdims=True)
+    np.exp(e, out=e)
+    return e, e.sum(axis=1, keepdims=True)
+
+
 def normalized_entropy(probs: np.ndarray) -> np.ndarray:
     """``H(p) / ln(C)`` per row, in [0, 1] (0 for a one-hot row, 1 for the uniform distribution)."""
     c = probs.shape[1]
@@ -65,3 +78,10 @@ class ExitPolicy:
         if self.kind == "max_prob":
             return probs.max(axis=1) >= self.threshold
         return normalized_entropy(probs) <= self.threshold
+
+    def exits_shifted(self, e: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """:meth:`exits` from :func:`shifted_exp`'s ``(e, s)`` without forming every row's probabilities:
+        for ``max_prob`` the top probability is ``1 / s`` (the same float32 division softmax does)."""
+        if self.kind == "max_prob":
+            return np.float32(1.0) / s[:, 0] >= self.threshold
+        return normalized_entropy(e / s) <= self.threshold

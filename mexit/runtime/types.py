@@ -48,3 +48,24 @@ class Runtime(Protocol):
     def predict(self, x: np.ndarray, *, full_depth: bool = False) -> Prediction:
         """Run a batch ``x`` of shape ``(n, *input_shape)`` float32 through the early-exit chain."""
         ...
+
+
+class FixedShape:
+    """The :class:`Runtime` protocol's shape properties, read from ``_input_shape``, ``_num_classes`` and
+    ``_num_exits`` (set by the subclass's constructor)."""
+
+    _input_shape: tuple[int, ...]
+    _num_classes: int
+    _num_exits: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def num_exits(self) -> int:
+        return self._num_exits

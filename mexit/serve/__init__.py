@@ -1,10 +1,13 @@
 """Open Inference Protocol (KServe V2 / Triton HTTP) server and clients for early-exit runtimes.
 
 * :func:`create_app` — the Starlette application; :func:`serve` — run it with uvicorn;
-  :class:`ServerProcess` — run ``python -m mexit.serve`` as a child process (tests, benchmarks, audits).
+  :class:`ServerProcess` — run ``mexit serve`` (``python -m mexit.cli serve``) as a child process (tests,
+  benchmarks, audits).
 * :class:`OIPClient` (HTTP) and :class:`LocalClient` (in-process) — one interface for querying a
   deployment, returning :class:`InferResult` (outputs by name and the round-trip time).
-* :func:`build_served_runtime` — load a bundle (and TimeGuard) the way ``mexit serve`` does.
+* :func:`build_served_runtime` — load a bundle (and a registered defense) the way ``mexit serve`` does.
+* :func:`connect` / :func:`deployed` — a bundle or a URL → a client (and the owner's runtime), as
+  ``mexit attack`` and the audit reach deployments.
 
 Names are imported lazily so that ``import mexit.serve.client`` does not pull in the ASGI stack.
 """
@@ -29,6 +32,9 @@ _EXPORTS = {
     "runtime_from_factory": "mexit.serve.factory",
     "ServedRuntime": "mexit.serve.factory",
     "ToyRuntime": "mexit.serve.testing",
+    "connect": "mexit.serve.deploy",
+    "deployed": "mexit.serve.deploy",
+    "Deployment": "mexit.serve.deploy",
 }
 
 __all__ = sorted(_EXPORTS)

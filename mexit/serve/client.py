@@ -85,14 +85,20 @@ class _HTTP:
             self.requests_on_conn = 0
         return self._conn
 
-    def request(self, method: str, path: str, body: bytes | None) -> tuple[int, str, bytes, int]:
-        """``(status, reason, body, rtt_ns)``; a stale kept-alive connection is retried once, silently.
+    def request(self, method: str, path: str, body: bytes | None,
+                header_length: int | None = None) -> tuple[int, str, bytes, int, str | None]:
+        """``(status, reason, body, rtt_ns, inference_header_length)``; a stale kept-alive connection is
+        retried once, silently.
 
+        ``header_length`` (binary tensor data extension) is the byte length of the JSON header at the
+        start of ``body``; the last element is the response's own ``Inference-Header-Content-Length``.
         Inference is idempotent, so resending after the server closed an idle connection is safe.
         """
         headers = {"Accept": "application/json"}
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = "application/json" if header_length is None else "application/octet-stream"
+            if header_length is not None:
+                headers[protocol.HEADER_LENGTH] = str(header_length)
         for fresh_retry in (False, True):
             conn = self._connection()
             reused = self.requests_on_conn > 0
@@ -113,7 +119,7 @@ class _HTTP:
             self.requests_on_conn += 1
             if response.will_close:
                 self.close()
-            return response.status, response.reason, content, rtt_ns
+            return response.status, response.reason, content, rtt_ns, response.getheader(protocol.HEADER_LENGTH)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
@@ -130,6 +136,11 @@ class OIPClient:
     raises :class:`ServerError` (or :class:`RequestRejectedError`, also an :class:`InputError`, for
     400/413) at once. One connection, reused across calls; safe to share between threads (calls are
     serialised), but concurrent load wants one client per thread.
+
+    ``binary`` chooses the binary tensor data extension (raw float32 input and outputs after a JSON
+    header) over JSON ``data``: ``None`` (default) uses it when the server metadata lists
+    ``binary_tensor_data``, asked once, at the first inference. It saves the JSON encoding and parsing
+    of every element on both sides, which grows with the input size.
     """
 
     def __init__(
@@ -141,6 +152,7 @@ class OIPClient:
         retries: int = 2,
         backoff_s: float = 0.05,
         model_version: str | None = None,
+        binary: bool | None = None,
     ) -> None:
         if retries < 0 or backoff_s < 0 or not timeout_s > 0:
             raise UserError(f"need retries >= 0, backoff_s >= 0 and timeout_s > 0, got {retries}, {backoff_s}, "
@@ -154,6 +166,7 @@ class OIPClient:
         self._model_path = f"/v2/models/{quoted}" + (
             f"/versions/{urllib.parse.quote(model_version, safe='')}" if model_version else "")
         self._lock = threading.Lock()
+        self.binary = binary
 
     # -- protocol calls -----------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -168,7 +181,7 @@ class OIPClient:
         """Whether the model answers ready now (a probe: no retries, False when unreachable or not ready)."""
         try:
             with self._lock:
-                status, _, content, _ = self._http.request("GET", self._model_path + "/ready", None)
+                status, _, content, _, _ = self._http.request("GET", self._model_path + "/ready", None)
         except (OSError, http.client.HTTPException):
             return False
         if status != 200:
@@ -180,25 +193,42 @@ class OIPClient:
 
     def infer(self, x: np.ndarray, outputs: list[str] | None = None) -> InferResult:
         """Classify the batch ``x`` (n, *input_shape); ``outputs`` restricts the returned names."""
-        body = encode_infer_request(x, outputs)
-        content, rtt_ns = self._request("POST", self._model_path + "/infer", body)
-        return InferResult(outputs=decode_infer_response(content, self.url), rtt_ns=rtt_ns)
+        if np.asarray(x).dtype.kind != "f":  # before asking the server anything
+            raise InputError(f"input must be a floating-point array (sent as FP32), got dtype {np.asarray(x).dtype}")
+        if self.binary is None:
+            self.binary = self._server_has_binary_extension()
+        body, header_length = encode_infer_request(x, outputs, binary=self.binary)
+        content, rtt_ns, response_header_length = self._request("POST", self._model_path + "/infer", body,
+                                                                header_length)
+        return InferResult(outputs=decode_infer_response(content, self.url, response_header_length), rtt_ns=rtt_ns)
+
+    def _server_has_binary_extension(self) -> bool:
+        """Whether the server metadata lists ``binary_tensor_data``; a server that answers ``GET /v2``
+        with an error or with something else than an object is taken not to (it still gets JSON)."""
+        try:
+            meta = self.server_metadata()
+        except (ServerError, ValueError):
+            return False
+        extensions = meta.get("extensions") if isinstance(meta, dict) else None
+        return isinstance(extensions, list) and "binary_tensor_data" in extensions
 
     # -- transport ------------------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[bytes, int]:
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 header_length: int | None = None) -> tuple[bytes, int, str | None]:
         last_problem = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 with self._lock:
-                    status, reason, content, rtt_ns = self._http.request(method, path, body)
+                    status, reason, content, rtt_ns, response_header_length = self._http.request(
+                        method, path, body, header_length)
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, timeout, garbled
                 last_problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 logger.debug("attempt %d on %s%s failed: %s", attempt + 1, self.url, path, last_problem)
                 continue
             if status < 400:
-                return content, rtt_ns
+                return content, rtt_ns, response_header_length
             message = _error_message(content, reason)
             if status >= 500:
                 last_problem = f"HTTP {status}: {message}"
@@ -261,7 +291,7 @@ class LocalClient:
     def server_metadata(self) -> dict[str, Any]:
         from mexit import __version__
 
-        return {"name": protocol.SERVER_NAME, "version": __version__, "extensions": []}
+        return {"name": protocol.SERVER_NAME, "version": __version__, "extensions": list(protocol.EXTENSIONS)}
 
     def ready(self) -> bool:
         return True
@@ -289,36 +319,67 @@ class LocalClient:
         self.close()
 
 
-def encode_infer_request(x: np.ndarray, outputs: list[str] | None = None, request_id: str | None = None) -> bytes:
-    """The JSON body of an inference request for the batch ``x`` (flat row-major FP32 data)."""
+def encode_infer_request(
+    x: np.ndarray, outputs: list[str] | None = None, request_id: str | None = None, *, binary: bool = False
+) -> tuple[bytes, int | None]:
+    """``(body, header_length)`` of an inference request for the batch ``x`` (row-major FP32).
+
+    JSON ``data`` when ``binary`` is false (``header_length`` is then ``None``); with ``binary``, the
+    binary tensor data extension: a JSON header declaring ``binary_data_size``, then the raw
+    little-endian float32 bytes, and every output asked for as binary data (``header_length`` is the
+    JSON header's byte length, for the ``Inference-Header-Content-Length`` HTTP header).
+    """
     arr = np.asarray(x)
     if arr.dtype.kind != "f":
         raise InputError(f"input must be a floating-point array (sent as FP32), got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    arr = np.ascontiguousarray(arr, dtype="<f4")
     payload: dict[str, Any] = {}
     if request_id is not None:
         payload["id"] = request_id
-    payload["inputs"] = [{
-        "name": protocol.INPUT_NAME,
-        "shape": list(arr.shape),
-        "datatype": "FP32",
-        "data": protocol.flat_data(arr),
-    }]
+    tensor: dict[str, Any] = {"name": protocol.INPUT_NAME, "shape": list(arr.shape), "datatype": "FP32"}
+    if binary:
+        tensor["parameters"] = {"binary_data_size": arr.nbytes}
+    else:
+        tensor["data"] = protocol.flat_data(arr)
+    payload["inputs"] = [tensor]
     if outputs:
-        payload["outputs"] = [{"name": name} for name in outputs]
-    return protocol.dumps(payload)
+        payload["outputs"] = [{"name": name, "parameters": {"binary_data": True}} if binary else {"name": name}
+                              for name in outputs]
+    elif binary:
+        payload["parameters"] = {"binary_data_output": True}
+    header = protocol.dumps(payload)
+    if not binary:
+        return header, None
+    return header + arr.tobytes(), len(header)
 
 
-def decode_infer_response(content: bytes, url: str = "") -> dict[str, np.ndarray]:
-    """Output arrays by name from an ``$inference_response`` body (JSON data only)."""
+def decode_infer_response(content: bytes, url: str = "", header_length: str | int | None = None
+                          ) -> dict[str, np.ndarray]:
+    """Output arrays by name from an ``$inference_response`` body, JSON or binary tensor data.
+
+    ``header_length`` is the response's ``Inference-Header-Content-Length`` (``None``: all JSON).
+    """
     try:
-        payload = protocol.loads(content)
+        view = memoryview(content)
+        split = len(content) if header_length is None else int(header_length)
+        if not 0 <= split <= len(content):
+            raise ValueError(f"{protocol.HEADER_LENGTH} {split} is beyond the body's {len(content)} bytes")
+        payload = protocol.loads(bytes(view[:split]))
+        offset = split
         arrays: dict[str, np.ndarray] = {}
         for out in payload["outputs"]:
             dtype = protocol.DATATYPES[out["datatype"]]
-            arrays[out["name"]] = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
+            size = (out.get("parameters") or {}).get("binary_data_size")
+            if size is None:
+                arrays[out["name"]] = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
+                continue
+            if offset + int(size) > len(content):
+                raise ValueError(f"output {out['name']!r} declares {size} bytes beyond the end of the body")
+            raw = np.frombuffer(view[offset:offset + int(size)], dtype=dtype.newbyteorder("<"))
+            arrays[out["name"]] = raw.astype(dtype).reshape(out["shape"])
+            offset += int(size)
         return arrays
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"the server at {url or '?'} sent a malformed inference response "
                         f"({type(exc).__name__}: {exc}); is it an Open Inference Protocol server?") from None
 

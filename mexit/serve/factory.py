@@ -1,6 +1,6 @@
 """Build the runtime a deployment serves from command-line style options.
 
-Shared by ``mexit serve`` and ``python -m mexit.serve`` (which :class:`mexit.serve.ServerProcess`
+Shared by ``mexit serve`` and ``mexit serve`` (which :class:`mexit.serve.ServerProcess`
 runs), so that both load, guard and name a model the same way.
 """
 
@@ -36,42 +36,51 @@ def build_served_runtime(
     *,
     backend: str = DEFAULT_BACKEND,
     threads: int | None = 1,
-    sigma_ms: float | None = None,
+    device: int | None = None,
+    fp16: bool = False,
+    backend_opts: Mapping[str, Any] | None = None,
+    defense: str | None = None,
+    defense_params: Mapping[str, Any] | None = None,
     key_file: str | os.PathLike[str] | None = None,
-    pad_to_final: bool = False,
 ) -> ServedRuntime:
-    """Load the bundle into an :class:`~mexit.runtime.EarlyExitRuntime`, guarded when asked.
+    """Load the bundle into an :class:`~mexit.runtime.EarlyExitRuntime`, guarded when a defense is asked for.
 
-    ``sigma_ms`` wraps it in a :class:`~mexit.defense.GuardedRuntime` with a keyed
-    :class:`~mexit.defense.TimeGuard` (key from ``key_file`` or the environment, hasher chosen by the
-    dataset kind); ``pad_to_final`` uses constant-time padding to the final exit instead. Guarding
-    calibrates per-exit clean times at start-up, which takes a moment.
+    ``backend``/``threads``/``device``/``fp16`` and the backend's own ``backend_opts`` go to the runtime's backend
+    registry; ``defense`` names a
+    registered defense (:func:`mexit.defense.defense_names`) with its ``defense_params`` (validated there; a
+    defense that cannot be built raises, the server never starts unguarded). Guarding calibrates the
+    per-exit clean times at start-up, which takes a moment.
     """
-    if sigma_ms is not None and pad_to_final:
-        raise ConfigError("choose one defense: --timeguard-sigma (TimeGuard) or --pad-to-final (constant time)")
-    if sigma_ms is not None and not sigma_ms >= 0:
-        raise ConfigError(f"--timeguard-sigma must be a number of milliseconds >= 0, got {sigma_ms}")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     from mexit.runtime import EarlyExitRuntime
 
-    runtime = _construct(EarlyExitRuntime, bundle, backend=backend, threads=threads)
+    opts: dict[str, Any] = dict(backend_opts or {})
+    if device is not None:
+        opts["device"] = device
+    if fp16:
+        opts["fp16"] = True
+    runtime: Any = EarlyExitRuntime(bundle, backend=backend, threads=threads, **opts)
     manifest = _manifest_of(runtime, bundle)
     model_name = _default_model_name(manifest, bundle)
     metadata = _metadata_from_manifest(manifest)
-
-    if sigma_ms is not None or pad_to_final:
-        from mexit.defense import ConstantTimePadding, GuardedRuntime, TimeGuard, hasher_for, load_key
-
-        if pad_to_final:
-            policy: Any = ConstantTimePadding()
-        else:
-            kind = _get(manifest, ("dataset", "kind"), ("kind",)) or "tabular"
-            policy = TimeGuard(float(sigma_ms) / 1e3, load_key(key_file), hasher_for(str(kind)))
-        runtime = GuardedRuntime(runtime, policy)  # calibrates per-exit clean times now
+    if defense is not None:
+        runtime = guard_runtime(runtime, defense, defense_params, key_file=key_file,
+                                kind=str(_get(manifest, ("dataset", "kind"), ("kind",)) or "tabular"))
     elif key_file is not None:
-        logger.warning("--key-file is ignored without --timeguard-sigma")
+        logger.warning("--key-file is ignored without a defense")
     return ServedRuntime(runtime=runtime, model_name=model_name, metadata=metadata)
+
+
+def guard_runtime(runtime: Runtime, defense: str, params: Mapping[str, Any] | None, *,
+                  key_file: str | os.PathLike[str] | None, kind: str) -> Runtime:
+    """``runtime`` wrapped by the registered ``defense`` (validated ``params``; key from file or environment)."""
+    from mexit.defense.keys import load_key
+    from mexit.defense.registry import build_guarded, get_spec, parse_defense
+
+    config = parse_defense(defense, dict(params or {}))
+    key = load_key(key_file) if get_spec(defense).needs_key else None
+    return build_guarded(runtime, config, key=key, kind=kind)
 
 
 def max_body_bytes(mb: float) -> int:
@@ -112,22 +121,6 @@ def runtime_from_factory(spec: str, kwargs: Mapping[str, Any] | str | None = Non
         raise ConfigError(f"factory {spec!r} returned {type(made).__name__}, not a Runtime")
     name = getattr(made, "model_name", None) or attr.split(".")[-1].lower()
     return ServedRuntime(runtime=made, model_name=str(name), metadata={})
-
-
-#: The backend option that sets the runtime's thread count, per backend (None: not settable).
-_THREAD_OPTION = {"onnxruntime": "intra_op_threads", "onnxruntime-gpu": "intra_op_threads", "torch": "threads",
-                  "tensorrt": None}
-
-
-def _construct(cls: Any, bundle: str | os.PathLike[str], *, backend: str, threads: int | None) -> Runtime:
-    """``cls(bundle, backend=…, <thread option>=threads)``, the option named as the backend calls it."""
-    opts: dict[str, Any] = {}
-    option = _THREAD_OPTION.get(backend)
-    if threads is not None and option is not None:
-        opts[option] = threads
-    elif threads not in (None, 1):
-        logger.warning("backend %s has no thread-count option; --threads %d ignored", backend, threads)
-    return cls(bundle, backend=backend, **opts)
 
 
 def _manifest_of(runtime: Any, bundle: str | os.PathLike[str]) -> Any:

@@ -16,17 +16,19 @@ Choices made where the protocol leaves room (see ``docs``/the module docstring o
 * Outputs: ``"probabilities"`` FP32 ``[n, C]`` (only when the deployment exposes probabilities),
   ``"label"`` INT64 ``[n]`` (always), ``"exit_index"`` INT64 ``[n]`` (only with ``expose_exit``: that
   is the paper's Adversary 1, never the default).
-* The binary tensor data extension is not implemented: requests whose inputs carry
-  ``binary_data_size`` are rejected with a message saying so, and outputs are always returned as JSON
-  (a ``binary_data`` output parameter is ignored; the server metadata lists no extensions, so
-  compliant clients such as ``tritonclient`` read JSON outputs).
+* The binary tensor data extension (as Triton and ``tritonclient`` use it) is supported both ways:
+  an input whose ``parameters`` carry ``binary_data_size`` takes its elements from the bytes after
+  the JSON header (whose length the ``Inference-Header-Content-Length`` HTTP header gives), read
+  straight into a numpy buffer; an output asked for with ``parameters.binary_data`` (or every output,
+  with the request parameter ``binary_data_output``) comes back as raw little-endian bytes after the
+  JSON header of the response. The server metadata lists ``binary_tensor_data``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,7 +37,7 @@ import numpy as np
 from mexit.errors import ConfigError, InputError
 from mexit.runtime.types import Prediction
 
-try:  # optional speed-up: orjson parses ~3x and serialises numpy arrays ~10x faster than json
+try:  # a dependency: parses ~3x and writes numpy arrays ~10x faster than json (the fallback keeps working)
     import orjson as _orjson
 except ImportError:  # pragma: no cover - exercised only where orjson is absent
     _orjson = None
@@ -64,8 +66,10 @@ DATATYPES: dict[str, np.dtype] = {
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
 }
-BINARY_UNSUPPORTED = ("the binary tensor data extension is not supported by this server; send the input as JSON "
-                      "'data' (tritonclient: set_data_from_numpy(x, binary_data=False))")
+#: The protocol extensions this server implements (listed in the server metadata).
+EXTENSIONS = ("binary_tensor_data",)
+#: The HTTP header giving the length of the JSON part of a body that carries binary tensor data.
+HEADER_LENGTH = "Inference-Header-Content-Length"
 #: Input datatypes the server accepts (cast to float32); everything else is a 400.
 ACCEPTED_INPUT_DATATYPES = ("FP32", "FP64", "FP16")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -165,22 +169,77 @@ _OUTPUT_DATATYPES = {OUTPUT_PROBABILITIES: "FP32", OUTPUT_LABEL: "INT64", OUTPUT
 
 def response_outputs(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
     """``$response_output`` objects (flat row-major data) for :func:`dumps`."""
-    out = []
+    return [{"name": name, "datatype": _OUTPUT_DATATYPES[name], "shape": list(arr.shape), "data": flat_data(arr)}
+            for name, arr in arrays.items()]
+
+
+def encode_infer_response(
+    response: Mapping[str, Any], arrays: Mapping[str, np.ndarray], binary: Collection[str] = ()
+) -> tuple[bytes, int | None]:
+    """The body of an ``$inference_response`` and, when any output is binary, the length of its JSON header.
+
+    Outputs named in ``binary`` carry ``parameters.binary_data_size`` instead of ``data``, and their
+    raw little-endian bytes follow the JSON header in response order (the binary tensor data extension).
+    The length is ``None`` for an all-JSON body, which then needs no ``Inference-Header-Content-Length``.
+    """
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
     for name, arr in arrays.items():
-        out.append({"name": name, "datatype": _OUTPUT_DATATYPES[name], "shape": list(arr.shape),
-                    "data": flat_data(arr)})
-    return out
+        entry: dict[str, Any] = {"name": name, "datatype": _OUTPUT_DATATYPES[name], "shape": list(arr.shape)}
+        if name in binary:
+            blob = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = flat_data(arr)
+        outputs.append(entry)
+    header = dumps({**response, "outputs": outputs})
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def split_binary_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """``(json_header, binary_part)`` of a request body, given its ``Inference-Header-Content-Length`` value.
+
+    Without the header the whole body is JSON and the binary part is empty. The binary part is a view
+    of ``body`` (no copy), which :func:`decode_input_tensor` reads with ``np.frombuffer``.
+    """
+    if header_length is None:
+        return body, memoryview(b"")
+    text = header_length.strip()
+    # isdigit + isascii, not int(): int() also takes "+5", "5_0" and non-ASCII digits.
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise InputError(f"{HEADER_LENGTH} must be a non-negative integer (the byte length of the JSON header), "
+                         f"got {short_repr(header_length)}")
+    length = int(text)
+    if length > len(body):
+        raise InputError(f"{HEADER_LENGTH} is {length} but the body has only {len(body)} bytes; it must give the "
+                         f"byte length of the JSON header that starts the body")
+    view = memoryview(body)
+    return bytes(view[:length]), view[length:]
 
 
 def select_outputs(requested: Any, exposed: Sequence[str]) -> tuple[str, ...]:
     """Validate the request's optional ``"outputs"`` list against what this deployment exposes."""
-    if requested is None:
-        return tuple(exposed)
+    return requested_outputs(requested, exposed)[0]
+
+
+def requested_outputs(
+    requested: Any, exposed: Sequence[str], *, binary_default: bool = False
+) -> tuple[tuple[str, ...], frozenset[str]]:
+    """``(names, binary_names)`` for the request's optional ``"outputs"`` list.
+
+    An output is returned as binary data when its ``parameters.binary_data`` is true, or, when it says
+    nothing, when the request parameter ``binary_data_output`` (``binary_default``) is true. An unknown
+    or unexposed name is an :class:`InputError`, binary or not.
+    """
+    if requested is None or (isinstance(requested, list) and not requested):
+        return tuple(exposed), frozenset(exposed) if binary_default else frozenset()
     if not isinstance(requested, list):
         raise InputError(f"'outputs' must be a list of {{\"name\": ...}} objects, got {_jtype(requested)}")
-    if not requested:
-        return tuple(exposed)
     names: list[str] = []
+    binary: set[str] = set()
     for i, item in enumerate(requested):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InputError(f"outputs[{i}] must be an object with a string 'name', got {short_repr(item)}")
@@ -189,10 +248,16 @@ def select_outputs(requested: Any, exposed: Sequence[str]) -> tuple[str, ...]:
             raise InputError(f"outputs[{i}].parameters must be an object, got {_jtype(params)}")
         name = item["name"]
         if name not in exposed:
-            raise InputError(f"unknown or unexposed output {name!r}; this deployment exposes {list(exposed)}")
+            raise InputError(f"unknown or unexposed output {short_repr(name)}; this deployment exposes "
+                             f"{list(exposed)}")
+        as_binary = (params or {}).get("binary_data", binary_default)
+        if type(as_binary) is not bool:
+            raise InputError(f"outputs[{i}].parameters.binary_data must be true or false, got {short_repr(as_binary)}")
         if name not in names:
             names.append(name)
-    return tuple(names)
+            if as_binary:
+                binary.add(name)
+    return tuple(names), frozenset(binary)
 
 
 @dataclass(frozen=True)
@@ -202,14 +267,21 @@ class InferRequest:
     x: np.ndarray  # (n, *input_shape) float32, finite, C-contiguous
     outputs: tuple[str, ...]
     id: str | None
+    binary_outputs: frozenset[str] = frozenset()  # the outputs to return as binary tensor data
 
 
 def decode_infer_request(
-    payload: Any, *, input_shape: Sequence[int], exposed: Sequence[str], max_batch: int
+    payload: Any,
+    *,
+    input_shape: Sequence[int],
+    exposed: Sequence[str],
+    max_batch: int,
+    binary: bytes | memoryview = b"",
 ) -> InferRequest:
     """Validate a parsed ``$inference_request`` and turn it into a float32 batch.
 
-    Raises :class:`InputError` naming what was expected and what was given.
+    ``binary`` is the part of the body after the JSON header (binary tensor data extension), empty
+    for a JSON-only request. Raises :class:`InputError` naming what was expected and what was given.
     """
     if not isinstance(payload, dict):
         raise InputError(f"the request body must be a JSON object with an 'inputs' list, got {_jtype(payload)}")
@@ -219,17 +291,27 @@ def decode_infer_request(
     params = payload.get("parameters")
     if params is not None and not isinstance(params, dict):
         raise InputError(f"'parameters' must be an object, got {_jtype(params)}")
-    outputs = select_outputs(payload.get("outputs"), exposed)
+    binary_default = (params or {}).get("binary_data_output", False)
+    if type(binary_default) is not bool:
+        raise InputError(f"parameters.binary_data_output must be true or false, got {short_repr(binary_default)}")
+    outputs, binary_outputs = requested_outputs(payload.get("outputs"), exposed, binary_default=binary_default)
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         got = f"a list of {len(inputs)}" if isinstance(inputs, list) else _jtype(inputs)
         raise InputError(f"'inputs' must be a list of exactly one tensor named {INPUT_NAME!r}, got {got}")
-    x = decode_input_tensor(inputs[0], input_shape=input_shape, max_batch=max_batch)
-    return InferRequest(x=x, outputs=outputs, id=req_id)
+    x = decode_input_tensor(inputs[0], input_shape=input_shape, max_batch=max_batch, binary=binary)
+    return InferRequest(x=x, outputs=outputs, id=req_id, binary_outputs=binary_outputs)
 
 
-def decode_input_tensor(tensor: Any, *, input_shape: Sequence[int], max_batch: int) -> np.ndarray:
-    """Validate one ``$request_input`` and return its data as a C-contiguous float32 array."""
+def decode_input_tensor(
+    tensor: Any, *, input_shape: Sequence[int], max_batch: int, binary: bytes | memoryview = b""
+) -> np.ndarray:
+    """Validate one ``$request_input`` and return its data as a C-contiguous float32 array.
+
+    The elements come from ``data`` (JSON) or, when ``parameters.binary_data_size`` is given, from
+    ``binary`` (all of it: there is one input), read with ``np.frombuffer`` as little-endian values of
+    the declared datatype.
+    """
     sample_shape = tuple(int(d) for d in input_shape)
     expected_shape = f"[n, {', '.join(str(d) for d in sample_shape)}] with 1 <= n <= {max_batch}"
     if not isinstance(tensor, dict):
@@ -238,11 +320,8 @@ def decode_input_tensor(tensor: Any, *, input_shape: Sequence[int], max_batch: i
     if name != INPUT_NAME:
         raise InputError(f"input name must be {INPUT_NAME!r}, got {short_repr(name)}")
     tparams = tensor.get("parameters")
-    if tparams is not None:
-        if not isinstance(tparams, dict):
-            raise InputError(f"inputs[0].parameters must be an object, got {_jtype(tparams)}")
-        if "binary_data_size" in tparams:
-            raise InputError(BINARY_UNSUPPORTED)
+    if tparams is not None and not isinstance(tparams, dict):
+        raise InputError(f"inputs[0].parameters must be an object, got {_jtype(tparams)}")
     datatype = tensor.get("datatype")
     if datatype not in ACCEPTED_INPUT_DATATYPES:
         raise InputError(f"input datatype must be FP32 (FP64/FP16 are cast), got {short_repr(datatype)}")
@@ -256,7 +335,41 @@ def decode_input_tensor(tensor: Any, *, input_shape: Sequence[int], max_batch: i
     if not 1 <= n <= max_batch:
         raise InputError(f"batch size must be between 1 and {max_batch}, got {n} (shape {short_repr(shape)})")
     count = math.prod(shape)
-    data = tensor.get("data")
+    if tparams is not None and "binary_data_size" in tparams:
+        arr = _binary_tensor(tensor, tparams["binary_data_size"], datatype, shape, count, binary)
+    else:
+        if len(binary):
+            raise InputError(f"the body carries {len(binary)} bytes after the JSON header ({HEADER_LENGTH}) but "
+                             f"inputs[0] declares no parameters.binary_data_size; declare it or send JSON 'data' only")
+        arr = _json_tensor(tensor.get("data"), shape, count)
+    if not np.isfinite(arr).all():
+        raise InputError(f"input data must be finite numbers within float32 range (|x| <= {_FLOAT32_MAX:.4g}); "
+                         f"got NaN, infinity or an out-of-range value")
+    return arr.reshape(shape)
+
+
+def _binary_tensor(tensor: dict, size: Any, datatype: str, shape: list[int], count: int,
+                   binary: bytes | memoryview) -> np.ndarray:
+    """The input's elements from the binary part of the body, checked against its declared size and shape."""
+    if type(size) is not int or size < 0:
+        raise InputError(f"inputs[0].parameters.binary_data_size must be a non-negative integer, "
+                         f"got {short_repr(size)}")
+    if "data" in tensor:
+        raise InputError("inputs[0] has both 'data' and parameters.binary_data_size; send the elements one way only")
+    dtype = DATATYPES[datatype].newbyteorder("<")
+    needed = count * dtype.itemsize
+    if size != needed:
+        raise InputError(f"inputs[0].parameters.binary_data_size is {size} bytes but shape {short_repr(shape)} of "
+                         f"{datatype} needs {needed} ({count} x {dtype.itemsize} bytes)")
+    if len(binary) != size:
+        raise InputError(f"inputs[0] declares binary_data_size {size} but the body has {len(binary)} bytes after the "
+                         f"JSON header (whose length {HEADER_LENGTH} must give)")
+    with np.errstate(over="ignore"):  # FP64 beyond float32's range becomes inf, refused by the finite check
+        return np.frombuffer(binary, dtype=dtype, count=count).astype(np.float32)
+
+
+def _json_tensor(data: Any, shape: list[int], count: int) -> np.ndarray:
+    """The input's elements from JSON ``data``, flat or nested to ``shape``; every leaf a JSON number."""
     if not isinstance(data, list):
         raise InputError(f"input data must be a list of {count} numbers (flat or nested to {shape}), "
                          f"got {_jtype(data)}")
@@ -267,13 +380,9 @@ def decode_input_tensor(tensor: Any, *, input_shape: Sequence[int], max_batch: i
         raise InputError(f"input data must contain only JSON numbers, got {_describe_types(bad)}")
     with np.errstate(over="ignore", invalid="ignore"):
         try:
-            arr = np.array(leaves, dtype=np.float32)
+            return np.array(leaves, dtype=np.float32)
         except OverflowError:  # an integer beyond float64 (only the stdlib json parser produces those)
-            arr = np.array([np.inf], dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise InputError(f"input data must be finite numbers within float32 range (|x| <= {_FLOAT32_MAX:.4g}); "
-                         f"got NaN, infinity or an out-of-range value")
-    return arr.reshape(shape)
+            return np.array([np.inf], dtype=np.float32)
 
 
 _NUMBER_TYPES = frozenset({int, float})

@@ -18,9 +18,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -93,7 +94,7 @@ def serve(
 
     ``app_opts`` go to :func:`mexit.serve.app.create_app` (``model_name`` is required there).
     ``on_bound(url)`` is called once the port is bound, before requests are accepted (the CLI prints
-    the URL; ``python -m mexit.serve --info-file`` writes it for :class:`ServerProcess`).
+    the URL; ``mexit serve --info-file`` writes it for :class:`ServerProcess`).
     """
     import uvicorn
 
@@ -139,7 +140,9 @@ def _health_ready(url: str) -> bool:
 
 
 class ServerProcess:
-    """``python -m mexit.serve …`` in a child process on a free loopback port, for tests and benchmarks.
+    """``mexit serve …`` (``python -m mexit.cli serve``) in a child process on a free loopback port.
+
+    For tests, benchmarks and the audit.
 
     Starts on ``__enter__`` (or :meth:`start`), waits until ``/v2/health/ready`` answers, and always
     terminates the child on ``__exit__`` (or :meth:`stop`), also when the body raised. Give either a
@@ -162,9 +165,9 @@ class ServerProcess:
         threads: int | None = None,
         max_body_mb: float | None = None,
         max_batch: int | None = None,
-        timeguard_sigma_ms: float | None = None,
+        defense: str | None = None,
+        defense_params: Mapping[str, Any] | None = None,
         key_file: str | os.PathLike[str] | None = None,
-        pad_to_final: bool = False,
         log_level: str = "warning",
         startup_timeout_s: float = 60.0,
         extra_args: Sequence[str] = (),
@@ -180,15 +183,15 @@ class ServerProcess:
         args += ["--host", host, "--port", str(port), "--expose", expose, "--log-level", log_level]
         optional = {
             "--model-name": model_name, "--backend": backend, "--threads": threads, "--max-body-mb": max_body_mb,
-            "--max-batch": max_batch, "--timeguard-sigma": timeguard_sigma_ms, "--key-file": key_file,
+            "--max-batch": max_batch, "--defense": defense, "--key-file": key_file,
         }
         for flag, value in optional.items():
             if value is not None:
                 args += [flag, str(value)]
+        for key, value in (defense_params or {}).items():
+            args += ["--param", f"{key}={value}"]
         if expose_exit:
             args.append("--expose-exit")
-        if pad_to_final:
-            args.append("--pad-to-final")
         self.args = [*args, *extra_args]
         self.startup_timeout_s = startup_timeout_s
         self.env = env
@@ -217,7 +220,8 @@ class ServerProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="mexit-serve-")
         info_file = Path(self._tmp.name) / "info.json"
         log_path = Path(self._tmp.name) / "server.log"
-        cmd = [sys.executable, "-m", "mexit.serve", *self.args, "--info-file", str(info_file), "--exit-with-parent"]
+        cmd = [sys.executable, "-m", "mexit.cli", "serve", *self.args, "--info-file", str(info_file),
+               "--exit-with-parent"]
         env = dict(os.environ if self.env is None else self.env)
         # The child imports the same mexit as this process, installed or not.
         package_root = str(Path(__file__).resolve().parents[2])
@@ -285,3 +289,15 @@ class ServerProcess:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """SIGTERM ourselves (a graceful uvicorn shutdown) once the parent process is gone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

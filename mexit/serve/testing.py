@@ -4,21 +4,22 @@ Serving, clients and benchmarks need a model to put behind the protocol without 
 exporting one; this is it. It implements :class:`mexit.runtime.types.Runtime` with the same
 validation and per-sample early-exit semantics as the real chained runtime, so everything above the
 runtime (server, clients, attacks' plumbing) can be tested against it, in-process or in a server
-subprocess (``python -m mexit.serve --factory mexit.serve.testing:ToyRuntime``).
+subprocess (``mexit serve --factory mexit.serve.testing:ToyRuntime``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from mexit.errors import ConfigError, InputError
-from mexit.runtime.types import Prediction
+from mexit.runtime.types import FixedShape, Prediction, Runtime
 
 
-class ToyRuntime:
+class ToyRuntime(FixedShape):
     """``num_exits`` fixed random linear classifiers over the flattened input, chosen by confidence.
 
     Exit ``k`` computes ``softmax(x @ W_k * scale_k)``; a sample leaves at the first exit whose top
@@ -54,18 +55,6 @@ class ToyRuntime:
             (rng.standard_normal((features, self._num_classes)) / np.sqrt(features)).astype(np.float32) * s
             for s in scales
         ]
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self._input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def num_exits(self) -> int:
-        return self._num_exits
 
     def predict(self, x: np.ndarray, *, full_depth: bool = False, force_exit: int | None = None) -> Prediction:
         """Per-sample early exit over the batch ``x`` (n, *input_shape) float32."""
@@ -113,3 +102,49 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+class ThreadHopRuntime:
+    """Delegates to ``runtime`` but hands every ``predict`` to Starlette's thread pool via ``predict_async``.
+
+    The server's ``predict="thread"`` path (the same ``run_in_threadpool`` call), reachable through a
+    ``--factory`` when the serving command offers no option to force it: the serving benchmarks use it
+    to measure what running small models inline saves.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.model_name = getattr(runtime, "model_name", None)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.runtime.input_shape)
+
+    @property
+    def num_classes(self) -> int:
+        return self.runtime.num_classes
+
+    @property
+    def num_exits(self) -> int:
+        return self.runtime.num_exits
+
+    def predict(self, x: np.ndarray, *, full_depth: bool = False) -> Prediction:
+        return self.runtime.predict(x, full_depth=full_depth)
+
+    async def predict_async(self, x: np.ndarray) -> Prediction:
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(self.runtime.predict, x)
+
+
+def thread_hop(bundle: str | None = None, *, backend: str = "onnxruntime", threads: int = 1,
+               toy: dict[str, Any] | None = None) -> Any:
+    """A ``--factory`` for :class:`ThreadHopRuntime` around a bundle's runtime, or around ``ToyRuntime(**toy)``."""
+    if bundle is None:
+        return ThreadHopRuntime(ToyRuntime(**(toy or {})))
+    from dataclasses import replace
+
+    from mexit.serve.factory import build_served_runtime
+
+    served = build_served_runtime(bundle, backend=backend, threads=threads)
+    return replace(served, runtime=ThreadHopRuntime(served.runtime))

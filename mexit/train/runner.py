@@ -10,7 +10,8 @@ Layout of ``RUN_DIR``::
                      Deleted once the run is complete: a finished run is never resumed, and the optimiser
                      state makes it 3x the size of the model.
     model.pt         final weights (written when training completes)
-    metrics.json     per-exit accuracies, FLOPs, threshold search, timings (written last = run complete)
+    metrics.json     per-exit accuracies, FLOPs, the whole τ curve and the chosen τ (with its rule), the deployed
+                     model's accuracy on members/non-members per τ, the init seed, timings (written last = complete)
 
 Re-running with the same options resumes from ``checkpoint.pt`` or, when ``metrics.json`` exists,
 returns at once. A different config in an existing run directory is refused rather than mixed.
@@ -35,7 +36,8 @@ from mexit._io import atomic_path, atomic_write_json, provenance
 from mexit.data import Dataset, Splits, dataset_names, load_dataset, make_splits
 from mexit.errors import ConfigError, UserError
 from mexit.train.multiexit import MAX_EXITS, MultiExitNet
-from mexit.train.threshold import search_threshold
+from mexit.train.threshold import TAU_RULES, ThresholdSearch, choose_threshold, deployed_accuracy, search_threshold
+from mexit.train.threshold import vanilla_accuracy as read_vanilla_accuracy
 from mexit.train.trainer import (
     exit_accuracies,
     exit_probabilities,
@@ -113,6 +115,22 @@ def make_config(**kwargs: Any) -> TrainConfig:
         raise ConfigError(f"invalid {field}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
+ROLE_CODES = {"target": 0, "shadow": 1}
+
+
+def role_seed(seed: int, role: str) -> int:
+    """The torch seed of one role's model, derived from ``(seed, role)``.
+
+    The split is seeded by ``seed`` alone, so a target and a shadow trained with the same ``seed`` get the
+    six disjoint parts of one partition; their *initial weights* must still differ, or the shadow starts
+    where the target started and attacks transfer more easily than they would for a real attacker (issue
+    11). ``SeedSequence`` mixes both numbers so that no two (seed, role) pairs collide.
+    """
+    if role not in ROLE_CODES:
+        raise ConfigError(f"unknown role {role!r}; use one of {', '.join(ROLE_CODES)}")
+    return int(np.random.SeedSequence([int(seed), ROLE_CODES[role]]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA) for weight init and dropout; numpy generators are passed explicitly."""
     torch.manual_seed(seed)
@@ -168,20 +186,79 @@ def _load_or_make_splits(path: Path, dataset: Dataset, config: TrainConfig) -> S
 CHECKPOINT_EVERY_S = 30.0
 
 
+def _build(config: TrainConfig, dataset: Dataset) -> MultiExitNet:
+    """The freshly initialised model of ``config`` (one place, so training and reloading build the same net)."""
+    return build_model(
+        config.arch,
+        exits=config.exits,
+        input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
+        normalization=dataset.normalization,
+    )
+
+
+def resolve_tau_rule(config: TrainConfig, tau_rule: str | None,
+                     vanilla_run: str | Path | None) -> tuple[str, float | None]:
+    """The τ rule to apply and the vanilla accuracy it needs, checked before any training starts.
+
+    ``tau_rule=None`` means the paper's rule when a vanilla run is given, else the final-exit rule. Asking
+    for the vanilla rule without a vanilla run is a one-line ConfigError (a 1-exit model needs no τ: any rule).
+    """
+    rule = tau_rule or ("vanilla" if vanilla_run is not None else "final-exit")
+    if rule not in TAU_RULES:
+        raise ConfigError(f"unknown threshold rule {rule!r}; use one of {', '.join(TAU_RULES)}")
+    if vanilla_run is None:
+        if rule == "vanilla" and config.exits > 1:
+            raise ConfigError("--tau-rule vanilla needs the vanilla model: pass --vanilla-run DIR of a finished "
+                              "1-exit run of the same arch and dataset, or use --tau-rule final-exit")
+        return rule, None
+    return rule, read_vanilla_accuracy(vanilla_run, arch=config.arch, dataset=config.dataset)
+
+
+def rechoose_threshold(run_dir: str | Path, *, rule: str, vanilla_accuracy: float | None = None,
+                       tolerance: float | None = None) -> dict[str, Any]:
+    """Re-pick a finished run's τ from its recorded τ curve by ``rule``; rewrite ``metrics.json``; return it.
+
+    The curve and the per-τ deployed accuracies are recorded at training time, so no model is needed.
+    """
+    path = Path(run_dir) / "metrics.json"
+    metrics = json.loads(path.read_text())
+    old = ThresholdSearch.from_dict(metrics["threshold"])
+    new = choose_threshold(old.curve, rule=rule, final_accuracy=float(metrics["final_exit"]["val_accuracy"]),
+                           vanilla_accuracy=vanilla_accuracy, tolerance=old.tolerance if tolerance is None
+                           else tolerance)
+    metrics["threshold"] = new.to_dict()
+    metrics["deployed"] = _deployed_at(metrics.get("deployed_curve", []), new.tau)
+    atomic_write_json(path, metrics)
+    return metrics
+
+
+def _deployed_at(deployed_curve: list[dict[str, Any]], tau: float) -> dict[str, Any] | None:
+    return next((dict(row) for row in deployed_curve if abs(row["tau"] - tau) < 1e-9), None)
+
+
 def train_run(config: TrainConfig, out_dir: str | Path, *, progress: bool = True,
-              checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> dict[str, Any]:
+              checkpoint_every_s: float = CHECKPOINT_EVERY_S, tau_rule: str | None = None,
+              vanilla_run: str | Path | None = None) -> dict[str, Any]:
     """Train (or resume, or reuse) the run described by ``config`` in ``out_dir``; return its metrics.
 
     ``checkpoint_every_s``: the least time between two checkpoints (0: after every epoch). The last epoch is
-    never checkpointed: the final weights follow at once.
+    never checkpointed: the final weights follow at once. ``tau_rule``/``vanilla_run``: how the early-exit
+    threshold is picked (:func:`resolve_tau_rule`); a finished run asked for another rule has its τ re-picked
+    from its recorded curve.
     """
     out_dir = Path(out_dir)
+    rule, vanilla_acc = resolve_tau_rule(config, tau_rule, vanilla_run)
     dataset = load_dataset(config.dataset, config.data_root)  # fails before anything is written
     _prepare_run_dir(out_dir, config)
     metrics_path = out_dir / "metrics.json"
     if metrics_path.exists():
         log.info("run in %s is complete; reusing it", out_dir)
-        return json.loads(metrics_path.read_text())
+        metrics = json.loads(metrics_path.read_text())
+        recorded = metrics["threshold"]
+        if recorded.get("rule", "final-exit") != rule or recorded.get("vanilla_accuracy") != vanilla_acc:
+            metrics = rechoose_threshold(out_dir, rule=rule, vanilla_accuracy=vanilla_acc)
+        return metrics
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -189,14 +266,9 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, progress: bool = True
     splits = _load_or_make_splits(out_dir / "splits.npz", dataset, config)
     train_idx, test_idx, val_idx = _role_indices(splits, config.role)
 
-    seed_everything(config.seed)
-    model = build_model(
-        config.arch,
-        exits=config.exits,
-        input_shape=dataset.input_shape,
-        num_classes=dataset.num_classes,
-        normalization=dataset.normalization,
-    ).to(device)
+    init_seed = role_seed(config.seed, config.role)
+    seed_everything(init_seed)
+    model = _build(config, dataset).to(device)
     params = model.parameters()
     optimizer: torch.optim.Optimizer
     if config.optimizer == "adam":
@@ -231,7 +303,7 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, progress: bool = True
             y_train,
             batch_size=config.batch_size,
             weights=exit_weights(model.num_exits, config.weighting, epoch, epochs),
-            generator=np.random.default_rng([config.seed, epoch]),
+            generator=np.random.default_rng([config.seed, ROLE_CODES[config.role], epoch]),
             device=device,
         )
         history.append({"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - t0})
@@ -243,8 +315,10 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, progress: bool = True
     bar.close()
     recalibrate_batchnorm(model, x_train)
 
-    metrics = evaluate_run(model, dataset, train_idx, test_idx, val_idx, config)
+    metrics = evaluate_run(model, dataset, train_idx, test_idx, val_idx, config, tau_rule=rule,
+                           vanilla_accuracy=vanilla_acc)
     metrics["history"] = history
+    metrics["init_seed"] = init_seed
     metrics["provenance"] = provenance(seed=config.seed, config=config.identity())
     with atomic_path(out_dir / "model.pt") as tmp:
         torch.save({"model": model.state_dict(), "config": config.model_dump(mode="json")}, tmp)
@@ -275,8 +349,16 @@ def evaluate_run(
     test_idx: np.ndarray,
     val_idx: np.ndarray,
     config: TrainConfig,
+    *,
+    tau_rule: str = "final-exit",
+    vanilla_accuracy: float | None = None,
 ) -> dict[str, Any]:
-    """Per-exit train/test/validation accuracy, FLOPs per exit and the early-exit threshold."""
+    """Per-exit train/test/validation accuracy, FLOPs per exit, the τ curve and the chosen τ.
+
+    ``deployed_curve`` holds, for every candidate τ, the accuracy of the early-exit model as deployed on the
+    members (train) and non-members (test) — not the final exit's, which most members never reach — so the
+    deployed accuracy at any later choice of τ is a lookup (``deployed`` is the row of the chosen τ).
+    """
     split_probs = {
         name: exit_probabilities(model, dataset.x[idx])
         for name, idx in (("train", train_idx), ("test", test_idx), ("val", val_idx))
@@ -284,7 +366,14 @@ def evaluate_run(
     acc = {name: exit_accuracies(p, dataset.y[idx]) for (name, p), idx in
            zip(split_probs.items(), (train_idx, test_idx, val_idx), strict=True)}
     costs, runtime_costs = model.costs(), model.runtime_costs()
-    search = search_threshold(split_probs["val"], dataset.y[val_idx], runtime_costs, tolerance=config.tolerance)
+    search = search_threshold(split_probs["val"], dataset.y[val_idx], runtime_costs, tolerance=config.tolerance,
+                              rule=tau_rule, vanilla_accuracy=vanilla_accuracy)
+    deployed_curve = []
+    for point in search.curve:
+        tr = deployed_accuracy(split_probs["train"], dataset.y[train_idx], point.tau)
+        te = deployed_accuracy(split_probs["test"], dataset.y[test_idx], point.tau)
+        deployed_curve.append({"tau": point.tau, "train_accuracy": tr["accuracy"], "test_accuracy": te["accuracy"],
+                               "train_exit_shares": tr["exit_shares"], "test_exit_shares": te["exit_shares"]})
     return {
         "run_format": RUN_FORMAT,
         "dataset": config.dataset,
@@ -310,6 +399,8 @@ def evaluate_run(
             "val_accuracy": acc["val"][-1],
         },
         "threshold": search.to_dict(),
+        "deployed_curve": deployed_curve,
+        "deployed": _deployed_at(deployed_curve, search.tau),
     }
 
 
@@ -345,13 +436,7 @@ def load_run(run_dir: str | Path, *, data_root: str | Path | None = None) -> Loa
         raw["data_root"] = str(data_root)
     config = make_config(**raw)
     dataset = load_dataset(config.dataset, config.data_root)
-    model = build_model(
-        config.arch,
-        exits=config.exits,
-        input_shape=dataset.input_shape,
-        num_classes=dataset.num_classes,
-        normalization=dataset.normalization,
-    )
+    model = _build(config, dataset)
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     model.eval()

@@ -19,6 +19,8 @@ from mexit.attacks.signals import Signals, cross_entropy
 from mexit.runtime.types import Prediction
 from mexit.serve.client import LocalClient
 
+from ._reference_world import reference_arrays
+
 D, C, E, HIDDEN = 24, 4, 16, 64
 N_PER_PART = 300
 TAU = 0.99
@@ -160,14 +162,14 @@ def _build_world() -> World:
         idx = np.concatenate([train, test])
         member = np.r_[np.ones(len(train), bool), np.zeros(len(test), bool)]
         client = LocalClient(TinyRuntime(model), expose="label")
-        out[role] = (model, x[idx], y[idx], member, client)
-    _, xs, ys, ms, shadow_client = out["shadow"]
+        out[role] = (model, x[idx], y[idx], member, client, idx)
+    _, xs, ys, ms, shadow_client, _ = out["shadow"]
     choice = choose_flip_probability(shadow_client, xs, ys, ms, n_noisy=100, seed=0)
     signals = {}
-    for role, (model, xr, yr, mr, client) in out.items():
+    for role, (model, xr, yr, mr, client, idx) in out.items():
         lo = choice.shadow_scores if role == "shadow" else flip_robustness(
             client, xr, yr, flip_probability=choice.flip_probability, n_noisy=100, seed=1)
-        signals[role] = record(model, xr, yr, mr, role, lo)
+        signals[role] = replace(record(model, xr, yr, mr, role, lo), **reference_arrays(xr, yr, idx))
     return World(signals["shadow"], signals["target"], out["shadow"][4], out["target"][4],
                  (xs, ys, ms), (out["target"][1], out["target"][2], out["target"][3]), choice.flip_probability)
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from mexit.attacks.collect import _round_order, collect_signals
+from mexit.attacks.collect import Adaptive, Deployment, _round_order, collect_interleaved, collect_signals
 from mexit.attacks.signals import Signals, SignalsError
 from mexit.serve import LocalClient, OIPClient
-from mexit.serve.client import InferResult, ServerUnreachableError
+from mexit.serve.client import InferResult, ServerError, ServerUnreachableError
 from mexit.serve.testing import ToyRuntime
 
 N = 24
@@ -181,3 +183,184 @@ def test_collect_on_an_exported_bundle(tmp_path: Path) -> None:
     assert np.array_equal(sig.exit_index, sig.true_exit)
     assert len(np.unique(sig.true_exit)) >= 2
     assert sig.meta["true_exit_mismatch"] == 0
+
+
+# ----------------------------------------------------------------------- adaptive querying, errors, drift
+class Timed:
+    """A client whose round-trip time is a synthetic function of the exit taken: ``base + gap * exit`` plus
+    Gaussian jitter drawn from (sample, how often that sample was asked), so a resumed run sees the same
+    timings. ``fail``: callable(call number) -> bool, raise a 503 on those calls."""
+
+    def __init__(self, runtime: ToyRuntime, x: np.ndarray, *, base: float = 2e6, gap: float = 0.5e6,
+                 sigma: float = 0.4e6, seed: int = 0, fail: Any = None, constant: bool = False) -> None:
+        self.inner = LocalClient(runtime)
+        self.runtime = runtime
+        self.rows = {x[i].tobytes(): i for i in range(len(x))}
+        self.asked = np.zeros(len(x), dtype=np.int64)
+        self.base, self.gap, self.sigma, self.seed = base, gap, sigma, seed
+        self.fail, self.calls, self.constant = fail, 0, constant
+        self.url, self.model_name = f"timed://{seed}", "toy"
+        self.order: list[int] = []
+
+    def infer(self, x: np.ndarray, outputs: list[str] | None = None) -> InferResult:
+        self.calls += 1
+        if self.fail is not None and self.fail(self.calls):
+            raise ServerError(503, "overloaded", self.url)
+        i = self.rows[x[0].tobytes()]
+        self.order.append(i)
+        k = int(self.runtime.predict(x).exit_index[0])
+        noise = np.random.default_rng([self.seed, i, int(self.asked[i])]).normal(0, self.sigma)
+        self.asked[i] += 1
+        rtt = self.base if self.constant else self.base + self.gap * k + noise
+        return InferResult(outputs=self.inner.infer(x, outputs).outputs, rtt_ns=int(max(rtt, 1.0)))
+
+
+def _pool(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 16)).astype(np.float32), rng.integers(0, 4, n), np.arange(n) % 2 == 0
+
+
+@pytest.fixture
+def shadow_model(toy: ToyRuntime) -> Any:
+    from mexit.attacks.stealing import ExitTimingModel
+
+    x, y, m = _pool(150, 11)
+    shadow = collect_signals(Timed(toy, x, seed=1), x, y, m, repeats=12, warmup=0, progress=False,
+                             true_exit_runtime=toy)
+    return ExitTimingModel.fit(shadow.latency_ns, shadow.true_exit, 3), shadow
+
+
+def test_adaptive_querying_spends_queries_where_the_exit_is_uncertain(toy: ToyRuntime, shadow_model: Any) -> None:
+    from mexit.attacks.stealing import steal_exits
+
+    model, shadow = shadow_model
+    x, y, m = _pool(120, 12)
+    fixed = collect_signals(Timed(toy, x, seed=2), x, y, m, repeats=2, warmup=0, progress=False, true_exit_runtime=toy)
+    client = Timed(toy, x, seed=2)
+    sig = collect_signals(client, x, y, m, warmup=0, progress=False, true_exit_runtime=toy,
+                          adaptive=Adaptive(model, query_budget=8.0, confidence=0.95, min_queries=2))
+    info = sig.meta["adaptive"]
+    assert 2 <= info["shadow_plan"]["mean_queries"] <= 12  # said before querying: what the shadow's timings need
+    assert info["mean_queries"] <= 8.0 and info["mean_queries"] == pytest.approx(client.asked.mean())
+    assert sig.latency_ns.dtype == np.float64 and np.isnan(sig.latency_ns).any()
+    assert np.array_equal(np.isfinite(sig.latency_ns).sum(axis=1), client.asked)
+    # the samples asked more than twice are those whose first two timings left the exit in doubt
+    used = replace(model, offset=tuple(info["offset"]))  # the offset it estimated after two rounds
+    post_two = used.posterior(fixed.latency_ns.astype(np.float64)).max(axis=1)
+    more = client.asked > 2
+    assert more.any() and (~more).any() and np.all(post_two[~more] >= 0.95) and np.all(post_two[more] < 0.95)
+    # the stolen exits beat those of the same model on the fixed two queries
+    adaptive_acc = (used.predict(sig.latency_ns) == sig.true_exit).mean()
+    assert adaptive_acc > (used.predict(fixed.latency_ns) == fixed.true_exit).mean() + 0.05
+    assert adaptive_acc >= 0.93
+    res = steal_exits(sig.latency_ns, shadow.latency_ns, shadow.true_exit, 3, seed=0)  # NaN-padded repeats
+    assert (res.stolen["chosen"] == sig.true_exit).mean() >= 0.9
+
+
+def test_adaptive_querying_estimates_the_target_offset(toy: ToyRuntime, shadow_model: Any) -> None:
+    model, _ = shadow_model
+    x, y, m = _pool(120, 13)
+    client = Timed(toy, x, seed=3, base=2e6 + 7.3e6)  # the target's stack adds 7.3 ms
+    sig = collect_signals(client, x, y, m, warmup=0, progress=False, true_exit_runtime=toy,
+                          adaptive=Adaptive(model, query_budget=10.0))
+    assert sig.meta["adaptive"]["offset"][0] == pytest.approx(7.3e6, abs=0.15e6)  # 0.3 of the 0.5 ms gap
+    shifted = replace(model, offset=tuple(sig.meta["adaptive"]["offset"]))
+    assert (shifted.predict(sig.latency_ns) == sig.true_exit).mean() >= 0.93
+    assert (model.predict(sig.latency_ns) == sig.true_exit).mean() < 0.5  # absolute times: all at the last exit
+
+
+def test_adaptive_budget_out_of_range_is_one_line(shadow_model: Any) -> None:
+    model, _ = shadow_model
+    for budget in (0.5, 10_000):
+        with pytest.raises(SignalsError, match="query budget must be between 1 and"):
+            Adaptive(model, query_budget=budget)
+    with pytest.raises(SignalsError, match="min_queries"):
+        Adaptive(model, query_budget=2, min_queries=3)
+    assert Adaptive(model, query_budget=1).min_queries == 1 and Adaptive(model, query_budget=4).min_queries == 2
+
+
+def test_adaptive_resume_makes_the_same_decisions(toy: ToyRuntime, shadow_model: Any, tmp_path: Path) -> None:
+    model, _ = shadow_model
+    x, y, m = _pool(60, 14)
+    plan = Adaptive(model, query_budget=4.0)
+    whole = collect_signals(Timed(toy, x, seed=4), x, y, m, warmup=0, progress=False, num_exits=3, adaptive=plan)
+    ckpt = tmp_path / "a.npz"
+    first = Timed(toy, x, seed=4, fail=lambda c: c > 150 and (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        collect_signals(first, x, y, m, warmup=0, progress=False, num_exits=3, adaptive=plan, checkpoint_path=ckpt)
+    second = Timed(toy, x, seed=4)
+    second.asked = first.asked.copy()  # the deployment's jitter continues where it was
+    again = collect_signals(second, x, y, m, warmup=0, progress=False, num_exits=3, adaptive=plan,
+                            checkpoint_path=ckpt)
+    assert len(second.order) == int(np.isfinite(whole.latency_ns).sum()) - 150
+    assert np.array_equal(np.isnan(again.latency_ns), np.isnan(whole.latency_ns))
+    assert np.allclose(again.latency_ns, whole.latency_ns, equal_nan=True)
+
+
+def test_server_errors_are_retried_counted_and_lost(toy: ToyRuntime, data: tuple,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    x, y, member = data
+    every_7th = Timed(toy, x, fail=lambda c: c > 3 and c % 7 == 0)  # transient: a retry succeeds
+    sig = collect_signals(every_7th, x, y, member, repeats=3, warmup=2, progress=False, num_exits=3,
+                          backoff_s=0.0)
+    assert sig.meta["retried_queries"] > 0 and sig.meta["lost_queries"] == 0 and sig.latency_ns.dtype == np.int64
+    # sample 0's queries after its first answer always fail: lost, NaN, reported; the collection goes on
+    row0 = x[0].tobytes()
+    answered = {"n": 0}
+
+    class Broken(Timed):
+        def infer(self, xq: np.ndarray, outputs: list[str] | None = None) -> InferResult:
+            if xq[0].tobytes() == row0:
+                answered["n"] += 1
+                if answered["n"] > 1:
+                    raise ServerError(502, "bad gateway", self.url)
+            return super().infer(xq, outputs)
+
+    with caplog.at_level("WARNING"):
+        sig = collect_signals(Broken(toy, x), x, y, member, repeats=3, warmup=0, progress=False, num_exits=3,
+                              retries=2, backoff_s=0.0)
+    assert sig.meta["lost_queries"] == 2 and np.isnan(sig.latency_ns[0]).sum() == 2
+    assert np.isfinite(sig.latency_ns[1:]).all() and "lost" in caplog.text
+    # a deployment failing most queries stops with one line
+    with pytest.raises(SignalsError, match=r"failed .* queries"):
+        collect_signals(Timed(toy, x, fail=lambda c: c > 3 and c % 3 != 0), x, y, member, repeats=3, warmup=1,
+                        progress=False, num_exits=3, retries=1, backoff_s=0.0)
+
+
+def test_constant_timing_is_reported(toy: ToyRuntime, data: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    from mexit.attacks.stealing import ExitTimingModel
+
+    x, y, member = data
+    with caplog.at_level("WARNING"):
+        sig = collect_signals(Timed(toy, x, constant=True), x, y, member, repeats=3, warmup=0, progress=False,
+                              true_exit_runtime=toy)
+    assert sig.meta["timing_informative"] is False and "constant-time padding" in caplog.text
+    varied = collect_signals(Timed(toy, x), x, y, member, repeats=3, warmup=0, progress=False, num_exits=3)
+    assert varied.meta["timing_informative"] is True
+    padded = ExitTimingModel.fit(sig.latency_ns, sig.true_exit, 3)
+    assert not padded.informative()
+    client = Timed(toy, x, constant=True)
+    with caplog.at_level("WARNING"):
+        adaptive = collect_signals(client, x, y, member, warmup=0, progress=False, num_exits=3,
+                                   adaptive=Adaptive(padded, query_budget=10))
+    assert (client.asked == 2).all() and adaptive.meta["adaptive"]["timing_informative"] is False
+
+
+def test_interleaved_collection_mixes_the_deployments_in_every_round(toy: ToyRuntime) -> None:
+    xs, ys, ms = _pool(30, 15)
+    xt, yt, mt = _pool(20, 16)
+    shadow_client, target_client = Timed(toy, xs, seed=5), Timed(toy, xt, seed=6)
+    seen: list[str] = []
+    for name, c in (("shadow", shadow_client), ("target", target_client)):
+        inner = c.infer
+        c.infer = (lambda f, nm: lambda xq, outputs=None: (seen.append(nm), f(xq, outputs))[1])(inner, name)
+    out = collect_interleaved({"shadow": Deployment(shadow_client, xs, ys, ms, true_exit_runtime=toy),
+                               "target": Deployment(target_client, xt, yt, mt, true_exit_runtime=toy)},
+                              repeats=3, warmup=0, seed=2, progress=False)
+    assert set(out) == {"shadow", "target"} and len(out["shadow"]) == 30 and len(out["target"]) == 20
+    assert out["target"].latency_ns.shape == (20, 3) and out["target"].meta["interleaved_with"] == ["shadow"]
+    assert np.array_equal(out["shadow"].true_exit, toy.predict(xs).exit_index)
+    first_round = seen[:50]
+    switches = sum(a != b for a, b in itertools.pairwise(first_round))
+    assert switches > 10  # one shuffled schedule, not one deployment after the other
+    assert (shadow_client.asked == 3).all() and (target_client.asked == 3).all()

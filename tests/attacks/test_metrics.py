@@ -12,11 +12,16 @@ from mexit.attacks.metrics import (
     _SortedROC,
     attack_metrics,
     best_threshold,
+    clopper_pearson,
     exit_stealing_metrics,
     js_divergence,
     js_divergence_per_exit,
+    low_fpr_tpr,
     member_share_per_exit,
+    paired_bootstrap,
+    per_exit_js,
     roc_points,
+    significance_statement,
     tpr_at_fpr,
     train_test_gap,
 )
@@ -161,3 +166,93 @@ def test_member_share_and_gap() -> None:
     assert train_test_gap(0.99, 0.8) == pytest.approx(0.19)
     with pytest.raises(InputError):
         train_test_gap(99.0, 80.0)
+
+
+def test_tpr_at_fpr_agrees_with_attack_metrics_on_ties() -> None:
+    """Issue 13: with drop_intermediate=True the two disagreed in ~2 % of random tied cases."""
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        n = int(rng.integers(20, 200))
+        member = rng.random(n) < 0.5
+        if member.all() or not member.any():
+            continue
+        scores = np.round(rng.normal(size=n) + member, int(rng.integers(0, 2)))  # heavy ties
+        fpr = float(rng.choice([0.01, 0.05, 0.1, 0.2]))
+        m = attack_metrics(member, scores, threshold=0.0, n_bootstrap=0, fprs=(fpr,))
+        assert tpr_at_fpr(member, scores, fpr) == pytest.approx(m["tpr_at_fpr"][f"{fpr:g}"]["value"])
+
+
+def test_clopper_pearson_known_values() -> None:
+    from scipy.stats import beta
+
+    assert clopper_pearson(0, 10) == pytest.approx([0.0, 1 - 0.025 ** (1 / 10)])
+    lo, hi = clopper_pearson(7, 20)
+    assert lo == pytest.approx(beta.ppf(0.025, 7, 14)) and hi == pytest.approx(beta.ppf(0.975, 8, 13))
+    with pytest.raises(InputError):
+        clopper_pearson(3, 2)
+
+
+def test_low_fpr_tpr_measurable_only_with_enough_nonmembers() -> None:
+    rng = np.random.default_rng(1)
+    member = np.r_[np.ones(500, bool), np.zeros(1500, bool)]
+    scores = rng.normal(size=2000) + 1.5 * member
+    out = low_fpr_tpr(member, scores, fprs=(0.001, 0.01))
+    assert not out["0.001"]["measurable"] and out["0.001"]["value"] is None
+    assert out["0.001"]["note"] == "not measurable: needs >= 10000 non-members, has 1500"
+    one = out["0.01"]
+    assert one["measurable"] and one["value"] == pytest.approx(tpr_at_fpr(member, scores, 0.01))
+    assert one["achieved_fpr"] < 0.01 and one["ci"][0] <= one["value"] <= one["ci"][1]
+    assert one["ci"] == pytest.approx(clopper_pearson(round(one["value"] * 500), 500))
+
+
+def test_paired_bootstrap() -> None:
+    rng = np.random.default_rng(2)
+    member = rng.random(800) < 0.5
+    weak = rng.normal(size=800) + 0.3 * member
+    strong = weak + 1.0 * member + 0.3 * rng.normal(size=800)
+    same = paired_bootstrap(member, weak, weak.copy(), n_bootstrap=200)
+    assert same["auc"]["difference"] == 0 and same["auc"]["ci"] == [0.0, 0.0] and not same["auc"]["significant"]
+    diff = paired_bootstrap(member, weak, strong, n_bootstrap=300, seed=4)
+    assert diff["auc"]["significant"] and diff["auc"]["ci"][0] > 0
+    assert diff["auc"]["difference"] == pytest.approx(roc_auc_score(member, strong) - roc_auc_score(member, weak))
+    assert diff["tpr@0.01"]["b"] == pytest.approx(tpr_at_fpr(member, strong, 0.01))
+    assert diff == paired_bootstrap(member, weak, strong, n_bootstrap=300, seed=4)
+    # paired is tighter than the two unpaired intervals would suggest: scores share most of their noise
+    noisy = weak + 0.05 * rng.normal(size=800) + 0.1 * member
+    close = paired_bootstrap(member, weak, noisy, n_bootstrap=300)
+    a = attack_metrics(member, weak, threshold=0, n_bootstrap=300)
+    assert close["auc"]["ci"][1] - close["auc"]["ci"][0] < (a["auc"]["ci"][1] - a["auc"]["ci"][0]) / 2
+
+
+def test_significance_statement() -> None:
+    rng = np.random.default_rng(3)
+    member = rng.random(300) < 0.5
+    null = attack_metrics(member, rng.random(300), n_bootstrap=300)
+    assert significance_statement(null).startswith("no significant leakage")
+    real = attack_metrics(member, 1 / (1 + np.exp(-(rng.normal(size=300) + 2 * member))), n_bootstrap=300)
+    assert significance_statement(real).startswith("significant: AUC")
+
+
+def test_per_exit_js_does_not_collapse_and_has_a_baseline() -> None:
+    rng = np.random.default_rng(4)
+    n = 400
+    # raw losses in [0, 9]: members near 1e-4, non-members near 1e-2 — every one in the first linear bin
+    member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    loss0 = np.r_[rng.exponential(1e-4, n), rng.exponential(1e-2, n)]
+    loss0[-1] = 9.0
+    old = js_divergence(loss0[member], loss0[~member], np.histogram_bin_edges(loss0, bins=50))
+    assert old < 0.01  # the estimator of issue 11: (almost) everything in bin 0, it collapses
+    # exit 1: identical distributions; exit 2: too few samples
+    loss1 = rng.exponential(1.0, 2 * n)
+    loss = np.r_[loss0, loss1, rng.exponential(1.0, 10)]
+    mem = np.r_[member, member, np.r_[np.ones(5, bool), np.zeros(5, bool)]]
+    exits = np.r_[np.zeros(2 * n, int), np.ones(2 * n, int), np.full(10, 2)]
+    rows = per_exit_js(loss, mem, exits, num_exits=4, n_permutations=200, seed=0)
+    assert rows[0]["js"] > 0.5 and rows[0]["p_value"] < 0.01 and rows[0]["js"] > 10 * rows[0]["baseline_q95"]
+    assert rows[1]["js"] < rows[1]["baseline_q95"] * 2 and rows[1]["p_value"] > 0.01
+    assert abs(rows[1]["excess"]) < 0.02
+    assert rows[2]["js"] is None and "needs >= 20 of each" in rows[2]["note"]
+    assert rows[3]["n_members"] == 0 and rows[3]["js"] is None
+    assert rows == per_exit_js(loss, mem, exits, num_exits=4, n_permutations=200, seed=0)
+    # the array form now bins log-losses: exit 0 no longer collapses either
+    assert js_divergence_per_exit(loss0, member, np.zeros(2 * n, int), num_exits=1)[0] > 0.5

@@ -19,6 +19,10 @@ EXPECTED = {
     "label-only-hybrid": {"pred_label", "label_only_score", "exit_index"},
     "gradient": {"probs", "loss", "embedding", "gradient"},
     "gradient-hybrid": {"probs", "loss", "embedding", "gradient", "exit_index"},
+    **{name: {"probs", "reference_score", "reference_in"}
+       for name in ("lira-offline", "lira-online", "rmia-offline", "rmia-online")},
+    **{name: {"probs", "reference_score", "reference_in", "exit_index", "reference_exit"}
+       for name in ("lira-offline-hybrid", "lira-online-hybrid", "rmia-offline-hybrid", "rmia-online-hybrid")},
 }
 
 

@@ -32,7 +32,7 @@ def test_audit_command_resumes_a_finished_run_and_prints_the_report_path(group, 
     result = CliRunner().invoke(group, ["audit", str(config), "--out", str(run_dir), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert f"report:  {run_dir / 'report.html'}" in result.output
-    assert "exits stolen with" in result.output
+    assert "the stealer adversary 2 picks" in result.output
 
 
 def test_print_config_applies_overrides(group):

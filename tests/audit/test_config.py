@@ -36,6 +36,12 @@ def test_default_config_is_the_documented_small_digits_audit():
         (["queries.repeats=0"], "queries.repeats"),
         (["timeguard.sigma_grid_ms=[0.5, -1]"], "timeguard.sigma_grid_ms"),
         (["timeguard.sigma_grid_ms=[]"], "timeguard.sigma_grid_ms"),
+        (["defenses=[{name='nope'}]"], "defenses.0"),
+        (["defenses=[{name='optimal', params={epsilon=2}}]"], "defenses.0"),
+        (["defenses=[{name='padding', params={quantile=0}}]"], "defenses.0"),
+        (["defenses=[{name='timeguard', params={sigma_ms=0}}]"], "defenses.0"),
+        (["deployment.backend='openvinox'"], "deployment.backend"),
+        (["attacks.names=['lira-online']"], "attacks.reference_models"),
         (["deployment.mode='cloud'"], "deployment.mode"),
         (["deployment.port=70000"], "deployment.port"),
         (["seed=-1"], "seed"),
@@ -149,3 +155,10 @@ def test_config_hash_is_canonical_and_sensitive():
     assert a.digest() == b.digest() and len(a.digest()) == 64
     c = make_audit_config({**TINY, "seed": 1})
     assert c.digest() != a.digest()
+
+
+def test_a_bad_defense_says_which_ones_exist():
+    with pytest.raises(ConfigError, match="valid defenses: optimal, padding, timeguard"):
+        default_config(["defenses=[{name='nope'}]"])
+    with pytest.raises(ConfigError, match=r"epsilon must be in \[0, 1 - 1/K\]"):
+        default_config(["defenses=[{name='optimal', params={epsilon=2}}]"])

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from mexit.audit import pipeline
-from mexit.audit.pipeline import AUDIT_FILE, RESULTS_FILE, SCHEMA, load_results, run_audit
+from mexit.audit.pipeline import run_audit
+from mexit.audit.results import AUDIT_FILE, RESULTS_FILE, SCHEMA, load_results
 from mexit.errors import ConfigError, DataError, UserError
 from tests.audit._tiny import TINY, copy_trained, tiny
 
 SECTIONS = ("schema", "config", "config_hash", "seeds", "versions", "models", "leakage", "stealing", "adversaries",
-            "vanilla", "timeguard", "live", "timings", "wall_seconds", "artifacts")
+            "vanilla", "tau_sweep", "defenses", "live", "timings", "wall_seconds", "artifacts")
 
 
 def test_results_hold_every_section(tiny_run):
@@ -35,16 +36,18 @@ def test_results_hold_every_section(tiny_run):
     assert target["deployed_threshold"] == pytest.approx(0.2)
 
     # exit distributions and loss divergence, from the 30 + 30 queried samples
-    dist = results["leakage"]["exit_distribution"]
-    assert sum(dist["members"]) == 30 and sum(dist["nonmembers"]) == 30
-    assert len(results["leakage"]["loss_js_divergence"]) == 3
+    leak = results["leakage"]
+    assert sum(leak["members_per_exit"]) == 30 and sum(leak["nonmembers_per_exit"]) == 30
+    assert "loss_js_divergence_per_exit" in leak
 
-    # stealing: accuracy and confusion of both stealers, scored against the true exits
+    # stealing: every stealer scored against the true exits, next to its chance levels; the chosen one named
     st = results["stealing"]
-    for stealer in ("kde", "supervised"):
-        assert 0 <= st[stealer]["accuracy"] <= 1
-        assert np.asarray(st[stealer]["confusion_matrix"]).sum() == 60
-    assert st["chance"] >= 1 / 3
+    for stealer in ("kde", "kde-blind", "supervised"):
+        entry = st["stealers"][stealer]
+        assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["balanced_accuracy"] <= 1
+        assert np.asarray(entry["confusion_matrix"]).sum() == 60
+        assert entry["chance"] == st["chance"] and entry["balanced_chance"] >= 1 / 3
+    assert st["chance"] >= 1 / 3 and st["chosen"] in st["stealers"]
 
     # attacks for adversaries 1 and 2 with CIs, original/hybrid pairs, and the vanilla baseline
     assert sorted(results["adversaries"]) == ["1", "2"]
@@ -62,23 +65,36 @@ def test_results_hold_every_section(tiny_run):
     assert adv1["attacks"]["loss"]["auc"] == adv2["attacks"]["loss"]["auc"]
     assert set(results["vanilla"]["attacks"]) == {"loss", "confidence"}
 
-    # TimeGuard frontier over the grid, padding baseline, recommendation and live confirmation
-    tg = results["timeguard"]
-    assert [row["sigma_ms"] for row in tg["grid"]] == [0.1, 1.0]
-    assert tg["grid"][1]["mean_added_ms"] > tg["grid"][0]["mean_added_ms"] > 0
-    assert tg["padding"]["mean_added_ms"] >= 0
-    assert tg["recommended"]["sigma_ms"] in (0.1, 1.0)
-    live = results["live"]
-    assert live["sigma_ms"] == tg["recommended"]["sigma_ms"]
-    assert np.isfinite(live["mean_added_ms"])  # its sign is timing noise at a small sigma on a busy machine
-    assert set(live["offline_prediction"]) >= {"kde_accuracy", "mean_added_ms"}
-    live_dir = next(tiny_run[0].glob("timeguard-live-*"))  # the cost is measured against a fresh recording
-    assert {"undefended.npz", "timeguard.npz", "signals.npz"} <= {p.name for p in live_dir.iterdir()}
+    # every defense against the strongest adversary: TimeGuard's σ grid and the [[defenses]] entries, the
+    # recommendation and its live confirmation
+    block = results["defenses"]
+    labels = [row["label"] for row in block["rows"]]
+    assert labels[0] == "none" and "timeguard(sigma_ms=0.1)" in labels and "timeguard(sigma_ms=1)" in labels
+    assert any(lb.startswith("padding(") for lb in labels) and any(lb.startswith("optimal(") for lb in labels)
+    for row in block["rows"][1:]:
+        assert row["mean_added_ms"] >= 0 and 0 <= row["oracle_balanced_accuracy"] <= 1
+        assert 0 <= row["bayes_bound"] <= 1 and "meets" in row
+    assert block["chance_balanced"] == pytest.approx(1 / len(block["exits_in_use"]))
+    assert block["verdict"]
+    rec, live = block["recommended"], results["live"]
+    if rec and rec["defense"] != "none":
+        assert live["label"] == rec["label"] and np.isfinite(live["mean_added_ms"])
+        live_dir = next(tiny_run[0].glob("defense-live-*"))  # the cost is measured against a fresh recording
+        assert {"undefended.npz", "defended.npz", "signals.npz"} <= {p.name for p in live_dir.iterdir()}
+    else:
+        assert live is None
+
+    # the τ sweep: leakage per τ with the vanilla model as a line; the τ rule recorded with the deployed τ
+    sweep = results["tau_sweep"]
+    assert [r["tau"] for r in sweep["rows"]] == [round(0.1 * i, 1) for i in range(11)]
+    assert sweep["reference"]["vanilla"]["best_original_auc"] is not None
+    assert target["tau_rule"]["rule"] == "vanilla" and target["threshold_source"] == "config"
+    assert target["threshold"]["curve"]  # every run's τ choice can be checked
 
     # provenance and timings
     assert results["seeds"]["seed"] == 0
     assert results["versions"]["versions"]["numpy"]
-    assert {"train-target", "collect-target", "attacks", "timeguard", "timeguard-live"} <= set(results["timings"])
+    assert {"train-target", "collect-target", "attacks", "defenses", "tau-sweep"} <= set(results["timings"])
 
 
 def test_stage_folders_are_keyed_and_complete(tiny_run):
@@ -101,7 +117,7 @@ def test_rerun_reuses_every_stage(tiny_run, tmp_path, monkeypatch):
     again = run_audit(TINY, copy, progress=False, report=False)
     assert not calls
     assert all(t["cached"] for t in again["timings"].values())
-    assert again["adversaries"] == results["adversaries"] and again["timeguard"] == results["timeguard"]
+    assert again["adversaries"] == results["adversaries"] and again["defenses"] == results["defenses"]
 
 
 def test_interrupted_audit_resumes_without_retraining(tiny_run, tmp_path, monkeypatch):
@@ -146,7 +162,7 @@ def _alive(pid: int) -> bool:
 def test_server_is_stopped_when_a_stage_fails(tiny_run, tmp_path, monkeypatch, error):
     out, _ = tiny_run
     run_dir = copy_trained(out, tmp_path / "served")
-    import mexit.audit.deploy as deploy
+    import mexit.serve.deploy as deploy
 
     started = []
 
@@ -161,7 +177,9 @@ def test_server_is_stopped_when_a_stage_fails(tiny_run, tmp_path, monkeypatch, e
         raise error
 
     monkeypatch.setattr(deploy, "ServerProcess", Recording)
-    monkeypatch.setattr(pipeline, "collect_signals", failing_collect)
+    from mexit.attacks import flow
+
+    monkeypatch.setattr(flow, "collect_signals", failing_collect)
     with pytest.raises(type(error)):
         run_audit(tiny(deployment={"mode": "server"}), run_dir, progress=False)
     assert len(started) == 1
@@ -258,3 +276,34 @@ def test_collection_interrupted_midway_resumes_against_a_restarted_server(tiny_r
     assert any("resuming from" in r.getMessage() for r in caplog.records)
     assert results["models"]["shadow"]["deployment"]["mode"] == "server"
     assert not (partial / "collect.ckpt.npz").exists() and (partial / "done.json").exists()
+
+
+def test_mexit_attack_and_the_audit_agree_on_the_same_signals(tiny_run, tmp_path):
+    """One attack flow: `mexit attack`'s analysis of the audit's recorded signals gives the audit's numbers."""
+    import shutil
+
+    from mexit.attacks.flow import AttackPlan, analyse
+    from mexit.attacks.signals import Signals
+
+    out, results = tiny_run
+    target = Signals.load(out / results["artifacts"]["target_signals"])
+    shadow = Signals.load(out / results["artifacts"]["shadow_signals"])
+    cfg = results["config"]
+    plan = AttackPlan(attacks=cfg["attacks"]["names"], adversaries=cfg["attacks"]["adversaries"],
+                      seed=cfg["seed"], bootstrap=cfg["attacks"]["bootstrap"], stealer=cfg["attacks"]["stealer"])
+    mine = analyse(plan, target=target, shadow=shadow)
+    assert json.loads(json.dumps(mine["adversaries"])) == json.loads(json.dumps(results["adversaries"]))
+    assert mine["exit_stealing"]["chosen"] == results["stealing"]["chosen"]
+    for name, entry in mine["exit_stealing"]["stealers"].items():
+        assert entry["accuracy"] == results["stealing"]["stealers"][name]["accuracy"]
+
+    # and through `mexit attack` itself: it reuses recorded signals found in its --out directory
+    from mexit.attacks import flow
+
+    attack_dir = tmp_path / "attack"
+    attack_dir.mkdir()
+    shutil.copy(out / results["artifacts"]["target_signals"], attack_dir / "signals_target.npz")
+    shutil.copy(out / results["artifacts"]["shadow_signals"], attack_dir / "signals_shadow.npz")
+    side = flow.Side(client=None, queries=None, owner=None)  # type: ignore[arg-type]
+    via_cli = flow.run_attack_flow(side, side, plan, attack_dir, progress=False)
+    assert json.loads(json.dumps(via_cli["adversaries"])) == json.loads(json.dumps(results["adversaries"]))

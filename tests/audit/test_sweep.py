@@ -102,7 +102,7 @@ def test_local_sweep_aggregates_two_runs(local_sweep):
     assert all(r["status"] == "ok" for r in rows), rows
     assert [r["exits"] for r in rows] == [3, 2]
     for r in rows:
-        assert 0 <= r["stealing_supervised"] <= 1 and r["adv2_hybrid_auc"] is not None and r["live_stealing"] is None
+        assert 0 <= r["stealing_supervised"] <= 1 and r["adv2_hybrid_auc"] is not None and r["live_oracle"] is None
     on_disk = json.loads((sweep_dir / "sweep.json").read_text())
     assert on_disk["runs"] == json.loads(json.dumps(rows)) and on_disk["workers"] == 2
     with open(sweep_dir / "sweep.csv") as fh:

@@ -168,3 +168,20 @@ def test_stratified_on_real_cifar10_labels() -> None:
         counts = np.bincount(y[getattr(s, name)], minlength=10)
         expected = len(getattr(s, name)) / 10
         assert np.all(np.abs(counts - expected) <= 1), (name, counts)
+
+
+def test_check_disjoint_accepts_one_partition_and_names_an_overlap():
+    from mexit.data.splits import check_disjoint
+
+    y = np.repeat(np.arange(5), 40)
+    a = make_splits(y, seed=1)
+    check_disjoint(a, make_splits(y, seed=1))  # same seed: target and shadow halves of one partition
+    b = make_splits(y, seed=2)  # another partition: its shadow half overlaps this target half
+    with pytest.raises(ConfigError, match=r"overlap: \d+ samples of the target's target_\w+ \(split seed 1\) are in "
+                                          r"the shadow's shadow_\w+ \(split seed 2\)") as err:
+        check_disjoint(a, b)
+    assert "\n" not in str(err.value) and "--seed" in str(err.value)
+    with pytest.raises(ConfigError, match="overlap"):
+        check_disjoint(a, a, shadow_role="target")  # a run attacked with itself as shadow
+    with pytest.raises(ConfigError, match="role"):
+        check_disjoint(a, a, shadow_role="attacker")

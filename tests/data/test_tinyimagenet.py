@@ -75,5 +75,37 @@ def test_missing_val_image(tiny: Path) -> None:
 def test_corrupt_jpeg_names_file(tiny: Path) -> None:
     bad = tiny / "train" / WNIDS[1] / "images" / f"{WNIDS[1]}_2.JPEG"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    ds = load_dataset("tinyimagenet", tiny)  # decoding is lazy: the bad file is found when it is used
+    ds.x[:5]  # the images before it decode fine
     with pytest.raises(DataError, match=rf"cannot decode .*{WNIDS[1]}_2.JPEG"):
-        load_dataset("tinyimagenet", tiny)
+        ds.inputs()
+
+
+def test_images_are_decoded_only_when_used(tiny: Path) -> None:
+    """``--limit`` works before decoding: the split indexes the labels, training decodes only its samples."""
+    ds = load_dataset("tinyimagenet", tiny)
+    assert ds.x.decoded() == 0 and len(ds.x) == 12 and ds.x.shape == (12, 3, 64, 64)
+    from mexit.data import make_splits
+
+    splits = make_splits(ds.y, seed=0, max_per_split=1)  # labels only: nothing decoded yet
+    assert ds.x.decoded() == 0
+    part = ds.x[splits.target_train]
+    assert part.shape == (len(splits.target_train), 3, 64, 64) and ds.x.decoded() == len(splits.target_train)
+    assert np.array_equal(ds.x[splits.target_train], part)  # cached, same pixels
+    assert ds.inputs(np.array([0])).dtype == np.float32
+    full = ds.inputs()  # everything on request
+    assert full.shape == (12, 3, 64, 64) and ds.x.decoded() == 12
+    np.testing.assert_allclose(full[0] * 255, ds.x[0].astype(np.float32), atol=1e-3)
+
+
+def test_a_32px_copy_is_used_at_its_own_size(tiny: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from PIL import Image
+
+    for path in [*tiny.glob("train/*/images/*.JPEG"), *tiny.glob("val/images/*.JPEG")]:
+        with Image.open(path) as img:
+            img.resize((32, 32)).save(path, quality=95)
+    with caplog.at_level("INFO", logger="mexit.data.tinyimagenet"):
+        ds = load_dataset("tinyimagenet", tiny)
+    assert ds.input_shape == (3, 32, 32) and ds.x[:].shape == (12, 3, 32, 32)
+    assert any("32x32 images: using them at that size" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(ds.x[9].reshape(3, -1).mean(axis=1), [10, 20, 30], atol=4)

@@ -123,3 +123,18 @@ def test_predict_async_waits_without_blocking_others() -> None:
     assert elapsed < len(x) * hold / 2  # concurrent (~hold), not serial (8 x hold = 2 s)
     assert ticks >= 5  # the event loop kept running while responses were held
     assert [int(p.exit_index[0]) for p in preds] == [0, 1, 2, 0, 1, 2, 0, 1]
+
+
+def test_target_counts_from_compute_start_not_from_a_queued_arrival() -> None:
+    """Time spent queued before inference must not eat into the target (else a loaded server overruns it)."""
+    clean = [0.02, 0.02, 0.02]
+    queued = 0.03  # the request arrived 30 ms before this call (waiting behind others)
+    for release_from, at_least in (("compute", queued + 0.02), ("arrival", 0.0)):
+        guarded = GuardedRuntime(FakeRuntime(), ConstantTimePadding(), clean_times_s=clean, release_from=release_from)
+        arrival = time.perf_counter_ns() - int(queued * 1e9)
+        pred = guarded.predict(inputs_for_exits([0]), arrival_ns=arrival)
+        assert pred.latency_ns[0] / 1e9 >= at_least
+    # From arrival, the 20 ms target had already passed: an overrun, released at once.
+    assert guarded.overruns == 1 and guarded.requests == 1
+    with pytest.raises(ConfigError, match="release_from"):
+        GuardedRuntime(FakeRuntime(), ConstantTimePadding(), clean_times_s=clean, release_from="queue")  # type: ignore[arg-type]

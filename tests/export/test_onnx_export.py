@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import types
 from pathlib import Path
 
@@ -142,16 +143,12 @@ def test_export_argument_errors(tmp_path, conv_model, samples):
     assert not (tmp_path / "a").exists()
 
 
-def test_build_engines_without_tensorrt(dynamo_bundle):
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        from mexit.export.tensorrt import build_engines
+def test_build_engines_without_tensorrt(dynamo_bundle, monkeypatch):
+    from mexit.export.tensorrt import build_engines
 
-        with pytest.raises(BackendUnavailableError, match=r"pip install mexit\[tensorrt\]"):
-            build_engines(dynamo_bundle)
-    else:
-        pytest.skip("tensorrt is installed; engine building needs the GPU job")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # not importable, whether or not it is installed
+    with pytest.raises(BackendUnavailableError, match=r"pip install mexit\[tensorrt\]"):
+        build_engines(dynamo_bundle)
 
 
 def test_cli_export_command(tmp_path, monkeypatch):
@@ -185,3 +182,23 @@ def test_cli_export_command(tmp_path, monkeypatch):
     assert m.provenance["run_dir"] == str(tmp_path / "run")
     res = CliRunner().invoke(command, [str(tmp_path / "run"), "--out", str(out)])
     assert res.exit_code != 0 and "--overwrite" in str(res.exception or res.output)
+
+
+def test_runtime_graph_rewrites_work_on_the_default_exporter_opset(dynamo_bundle, samples):
+    """The runtime's in-memory graphs (single early-exit graph, folded decision) on a dynamo-exported bundle
+    (opset >= 18: ReduceMax takes its axes as an input) agree with the plain per-stage chain."""
+    from mexit.runtime import EarlyExitRuntime
+
+    opset = max(o.version for o in onnx.load(str(load_bundle(dynamo_bundle).stage_path(0))).opset_import
+                if o.domain in ("", "ai.onnx"))
+    plain = EarlyExitRuntime(dynamo_bundle, single_graph=False, fold_decision=False)
+    tau = tiny.mid_threshold(plain.predict(samples, force_exit=0).probs.max(axis=1), 0.5)
+    plain = EarlyExitRuntime(dynamo_bundle, threshold=tau, single_graph=False, fold_decision=False)
+    fast = EarlyExitRuntime(dynamo_bundle, threshold=tau)
+    assert fast.backend.options["single_graph"] and fast.backend.options["fold_decision"], opset
+    want = plain.predict(samples)
+    np.testing.assert_array_equal(fast.predict(samples).exit_index, want.exit_index)
+    for i in range(len(samples)):
+        one = fast.predict(samples[i : i + 1])
+        assert one.exit_index[0] == want.exit_index[i]
+        np.testing.assert_allclose(one.probs[0], want.probs[i], atol=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -222,7 +224,7 @@ def test_bad_call_options(conv_rt, batch, conv_bundle):
 
 def test_io_binding_mode_matches_default(conv_bundle, batch, mixed_tau):
     a = EarlyExitRuntime(conv_bundle, threshold=mixed_tau).predict(batch)
-    b = EarlyExitRuntime(conv_bundle, threshold=mixed_tau, io_binding=True, intra_op_threads=2).predict(batch)
+    b = EarlyExitRuntime(conv_bundle, threshold=mixed_tau, io_binding=True, threads=2).predict(batch)
     np.testing.assert_array_equal(a.exit_index, b.exit_index)
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
 
@@ -263,6 +265,16 @@ def test_warmup_and_context_manager(conv_bundle):
         assert "tiny-conv" in repr(rt)
 
 
+def test_warmup_covers_every_batch_size(conv_bundle):
+    backend = _Chunked(get_backend("onnxruntime", conv_bundle), max_batch=64)
+    rt = EarlyExitRuntime(conv_bundle, backend=backend)
+    rt.warmup(1, batch_sizes=range(1, 5))
+    seen = sorted(set(backend.sizes))
+    assert seen == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="positive"):
+        rt.warmup(1, batch_sizes=[0])
+
+
 def test_batch_one_path_does_not_compact(conv_bundle, batch):
     calls: list[int] = []
     rt = EarlyExitRuntime(conv_bundle, threshold=1.01)
@@ -282,24 +294,25 @@ def test_gather_graph_compacts_rows():
     np.testing.assert_array_equal(sess.run(None, {"data": data, "idx": idx})[0], data[idx])
 
 
-def test_gpu_backend_unavailable_is_explained(conv_bundle, batch):
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        rt = EarlyExitRuntime(conv_bundle, backend="onnxruntime-gpu")
-        cpu = EarlyExitRuntime(conv_bundle).predict(batch, force_exit=2)
-        np.testing.assert_allclose(rt.predict(batch, force_exit=2).probs, cpu.probs, atol=1e-4)
+def test_gpu_backend_unavailable_is_explained(conv_bundle, batch, mixed_tau):
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # a GPU box: partial exits, compaction, full()
+        rt = EarlyExitRuntime(conv_bundle, backend="onnxruntime-gpu", threshold=mixed_tau)
+        cpu = EarlyExitRuntime(conv_bundle, threshold=mixed_tau)
+        want, got = cpu.predict(batch), rt.predict(batch)
+        assert len(np.unique(want.exit_index)) == 3
+        np.testing.assert_array_equal(got.exit_index, want.exit_index)
+        np.testing.assert_allclose(got.probs, want.probs, atol=1e-4)
+        np.testing.assert_allclose(rt.predict(batch, full_depth=True).probs, cpu.predict(batch, full_depth=True).probs,
+                                   atol=1e-4)
         return
     with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
         OrtGpuBackend(conv_bundle)
 
 
-def test_tensorrt_backend_unavailable_is_explained(conv_bundle):
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        with pytest.raises(BackendUnavailableError, match=r"mexit\[tensorrt\]"):
-            EarlyExitRuntime(conv_bundle, backend="tensorrt")
-    else:
-        pytest.skip("tensorrt is installed: the GPU path is exercised by the GPU job, not here")
+def test_tensorrt_backend_unavailable_is_explained(conv_bundle, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # not importable, whether or not it is installed
+    with pytest.raises(BackendUnavailableError, match=r"mexit\[tensorrt\]"):
+        EarlyExitRuntime(conv_bundle, backend="tensorrt")
 
 
 def test_prediction_is_frozen(conv_rt, batch):

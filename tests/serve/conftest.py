@@ -1,7 +1,7 @@
 """Fixtures for the serving tests: small deterministic numpy runtimes, in-process apps, a server subprocess.
 
 The fake runtimes here implement the Runtime protocol without ONNX: :class:`ToyRuntime` (from
-``mexit.serve.testing``, shared with the benchmarks and ``python -m mexit.serve --factory``) is a fixed
+``mexit.serve.testing``, shared with the benchmarks and ``mexit serve --factory``) is a fixed
 random linear model with 3 exits chosen by confidence. Tests use the 16-feature tabular form and a
 small image-shaped one (to exercise nested data).
 """

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
 from mexit import __version__
 from mexit.errors import ConfigError
+from mexit.runtime.types import Prediction
+from mexit.serve import create_app
+from mexit.serve.client import decode_infer_response
+from mexit.serve.protocol import DATATYPES
 from mexit.serve.testing import ToyRuntime
 from tests.serve.conftest import (
     TOY_SEED,
@@ -40,7 +48,7 @@ def test_health_endpoints(client: TestClient) -> None:
 
 
 def test_server_metadata(client: TestClient) -> None:
-    assert client.get("/v2").json() == {"name": "mexit", "version": __version__, "extensions": []}
+    assert client.get("/v2").json() == {"name": "mexit", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
 def test_model_metadata_lists_only_exposed_outputs(make_client: Callable[..., TestClient]) -> None:
@@ -67,8 +75,6 @@ def test_model_ready_and_versions(client: TestClient) -> None:
 
 
 def test_create_app_rejects_bad_configuration(toy: ToyRuntime) -> None:
-    from mexit.serve import create_app
-
     with pytest.raises(ConfigError):
         create_app(toy, model_name="a/b")
     with pytest.raises(ConfigError):
@@ -200,7 +206,8 @@ def test_error_messages_name_expected_and_given(client: TestClient) -> None:
         "no inputs": ({"id": "1"}, ["exactly one", "null"]),
         "not an object": ([1, 2, 3], ["JSON object", "a list"]),
         "id type": ({**good, "id": 5}, ["'id' must be a string"]),
-        "binary extension": (variant(parameters={"binary_data_size": 128}), ["binary tensor data extension"]),
+        "binary and JSON data": (variant(parameters={"binary_data_size": 128}), ["both 'data'", "binary_data_size"]),
+        "binary output flag": ({**good, "parameters": {"binary_data_output": 1}}, ["binary_data_output", "true or"]),
     }
     for name, (body, fragments) in cases.items():
         status, message = _post(client, body)
@@ -293,10 +300,6 @@ def test_runtime_input_error_is_400(make_client: Callable[..., TestClient]) -> N
 
 
 def test_guarded_style_runtime_gets_the_request_arrival_time(make_client: Callable[..., TestClient]) -> None:
-    import time
-
-    from mexit.runtime.types import Prediction
-
     class Guarded(ToyRuntime):
         def __init__(self, **kwargs: object) -> None:
             super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -315,11 +318,178 @@ def test_guarded_style_runtime_gets_the_request_arrival_time(make_client: Callab
 
 def test_inline_prediction_gives_the_same_answers(make_client: Callable[..., TestClient], toy: ToyRuntime) -> None:
     x = batch(10)
-    out = outputs_of(make_client(predict_inline=True).post(INFER, json=infer_body(x)).json())
+    for opts in ({"predict_inline": True}, {"predict": "inline"}, {"predict": "thread"}, {"predict": "auto"}):
+        out = outputs_of(make_client(**opts).post(INFER, json=infer_body(x)).json())
+        np.testing.assert_array_equal(out["probabilities"], toy.predict(x).probs)
+
+
+# -- binary tensor data extension ------------------------------------------------------------------------------
+def binary_post(client: TestClient, x: np.ndarray, *, datatype: str = "FP32", **extra: object) -> httpx.Response:
+    """POST ``x`` as binary tensor data (JSON header, then the raw little-endian bytes)."""
+    raw = np.ascontiguousarray(x, dtype=DATATYPES[datatype].newbyteorder("<")).tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": datatype,
+                                     "parameters": {"binary_data_size": len(raw)}}], **extra}).encode()
+    return client.post(INFER, content=header + raw, headers={"Inference-Header-Content-Length": str(len(header))})
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64", "FP16"])
+def test_binary_input_json_output(client: TestClient, toy: ToyRuntime, datatype: str) -> None:
+    x = batch(6).astype(DATATYPES[datatype])
+    response = binary_post(client, x, datatype=datatype)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert "inference-header-content-length" not in response.headers  # no binary output asked for
+    expected = toy.predict(x.astype(np.float32))
+    np.testing.assert_array_equal(outputs_of(response.json())["probabilities"], expected.probs)
+
+
+def test_binary_outputs_all_or_per_output(make_client: Callable[..., TestClient], toy: ToyRuntime) -> None:
+    client = make_client(expose_exit=True)
+    x = batch(9, seed=4)
+    expected = toy.predict(x)
+    everything = binary_post(client, x, parameters={"binary_data_output": True})
+    assert everything.status_code == 200
+    assert everything.headers["content-type"] == "application/octet-stream"
+    length = int(everything.headers["inference-header-content-length"])
+    header = json.loads(everything.content[:length])
+    assert all("data" not in o and o["parameters"]["binary_data_size"] > 0 for o in header["outputs"])
+    out = decode_infer_response(everything.content, "test", length)
+    np.testing.assert_array_equal(out["probabilities"], expected.probs)
+    np.testing.assert_array_equal(out["exit_index"], expected.exit_index)
+    assert out["label"].dtype == np.int64 and len(everything.content) == length + 9 * (4 * 4 + 8 + 8)
+
+    # Per-output flags override the request-level default; JSON input, binary output works too.
+    mixed = client.post(INFER, json=infer_body(x, parameters={"binary_data_output": True}, outputs=[
+        {"name": "label", "parameters": {"binary_data": False}}, {"name": "probabilities"}]))
+    length = int(mixed.headers["inference-header-content-length"])
+    header = json.loads(mixed.content[:length])
+    assert header["outputs"][0]["data"] == expected.labels.tolist()
+    assert header["outputs"][1]["parameters"] == {"binary_data_size": 9 * 4 * 4}
+    np.testing.assert_array_equal(decode_infer_response(mixed.content, "t", length)["probabilities"], expected.probs)
+
+
+@pytest.mark.parametrize(("case", "status", "fragment"), [
+    ("size mismatch", 400, "needs 64"),
+    ("header beyond body", 400, "has only"),
+    ("header not a number", 400, "non-negative integer"),
+    ("unknown binary output", 400, "unknown or unexposed output 'logits'"),
+    ("undeclared binary", 400, "declares no parameters.binary_data_size"),
+    ("short binary part", 400, "bytes after the JSON header"),
+    ("compressed", 415, "Content-Encoding"),
+])
+def test_binary_bad_input(client: TestClient, case: str, status: int, fragment: str) -> None:
+    x = batch(1)
+    raw = x.tobytes()
+    tensor = {"name": "input", "shape": [1, 16], "datatype": "FP32", "parameters": {"binary_data_size": 64}}
+    body: dict = {"inputs": [tensor]}
+    headers: dict[str, str] = {}
+    extra = b""
+    if case == "size mismatch":
+        tensor["parameters"]["binary_data_size"] = 60
+        raw = raw[:60]
+    elif case == "unknown binary output":
+        body["outputs"] = [{"name": "logits", "parameters": {"binary_data": True}}]
+    elif case == "undeclared binary":
+        body = infer_body(x)
+    elif case == "short binary part":
+        raw = raw[:-4]
+    elif case == "compressed":
+        headers["Content-Encoding"] = "gzip"
+    header = json.dumps(body).encode()
+    headers.setdefault("Inference-Header-Content-Length", str(len(header)))
+    if case == "header beyond body":
+        headers["Inference-Header-Content-Length"] = str(len(header) + len(raw) + 1)
+    elif case == "header not a number":
+        headers["Inference-Header-Content-Length"] = "+12"
+    response = client.post(INFER, content=header + raw + extra, headers=headers)
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error"} and fragment in response.json()["error"], response.json()
+    assert client.get("/v2/health/ready").status_code == 200
+
+
+# -- where predict runs --------------------------------------------------------------------------------------------
+class SleepyRuntime(ToyRuntime):
+    """Costs ``per_sample_s`` of wall time per sample (a sleep: it blocks the caller, not the CPU)."""
+
+    def __init__(self, per_sample_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.per_sample_s = per_sample_s
+
+    def predict(self, x: np.ndarray, *, full_depth: bool = False, force_exit: int | None = None) -> Prediction:
+        time.sleep(self.per_sample_s * len(x))
+        return super().predict(x, full_depth=full_depth, force_exit=force_exit)
+
+
+def test_predict_plan_follows_the_measured_cost(toy: ToyRuntime) -> None:
+    fast = create_app(toy, model_name="toy").state.predict_plan
+    assert fast.mode == "auto" and fast.max_inline_batch >= 1 and fast.batch1_ms < 1.0
+    slow = create_app(SleepyRuntime(0.004), model_name="toy", inline_below_ms=2.0).state.predict_plan
+    assert slow.mode == "auto" and slow.max_inline_batch == 0 and slow.batch1_ms >= 4.0
+    sized = create_app(SleepyRuntime(0.002), model_name="toy", inline_below_ms=9.0).state.predict_plan
+    assert 1 <= sized.max_inline_batch <= 4  # ~2 ms per sample: at most 4 samples fit in 9 ms
+    assert create_app(toy, model_name="toy", predict="thread").state.predict_plan.max_inline_batch == 0
+    assert create_app(AsyncRuntime(), model_name="toy").state.predict_plan.mode == "async"
+    assert create_app(FailingRuntime(), model_name="toy").state.predict_plan.mode == "thread"
+    with pytest.raises(ConfigError, match="predict must be one of"):
+        create_app(toy, model_name="toy", predict="loop")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("predict", ["auto", "inline"])
+def test_a_large_batch_does_not_hold_up_small_requests(predict: str) -> None:
+    """Fairness: under ``auto`` a slow (large-batch) request runs in a thread, so a batch-1 request sent
+    while it runs is answered within a bound; forcing ``inline`` shows the same test catches the stall."""
+    per_sample_s, big = 0.002, 150  # the big request takes >= 0.3 s; batch 1 takes ~2 ms
+    app = create_app(SleepyRuntime(per_sample_s, seed=TOY_SEED), model_name="toy",
+                     predict=predict, inline_below_ms=10.0)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[float, float]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            t0 = time.perf_counter()
+
+            async def large() -> float:
+                response = await client.post(INFER, json=infer_body(batch(big)))
+                assert response.status_code == 200
+                return time.perf_counter() - t0
+
+            async def small() -> float:
+                await asyncio.sleep(0.05)  # the large request is being predicted by now
+                response = await client.post(INFER, json=infer_body(batch(1)))
+                assert response.status_code == 200
+                return time.perf_counter() - t0
+
+            return tuple(await asyncio.gather(large(), small()))  # type: ignore[return-value]
+
+    large_s, small_s = asyncio.run(scenario())
+    assert large_s >= per_sample_s * big
+    if predict == "auto":
+        assert app.state.predict_plan.max_inline_batch < big
+        assert small_s < 0.05 + 0.2 and small_s < large_s  # answered while the large batch still ran
+    else:
+        assert small_s >= per_sample_s * big  # blocked behind the whole large batch
+
+
+def test_fast_path_honours_root_path_and_leaves_other_paths_to_the_router(toy: ToyRuntime) -> None:
+    """Behind a proxy prefix (ASGI root_path) inference still works; a wrong model still gets the routed 404."""
+    app = create_app(toy, model_name="toy")
+    with TestClient(app, root_path="/api", raise_server_exceptions=False) as client:
+        x = batch(3)
+        response = client.post("/api" + INFER, json=infer_body(x))
+        assert response.status_code == 200, response.text
+        np.testing.assert_array_equal(outputs_of(response.json())["label"], toy.predict(x).labels)
+        other = client.post("/api/v2/models/other/infer", json=infer_body(x))
+        assert other.status_code == 404 and "unknown model" in other.json()["error"]
+
+
+def test_thread_hop_runtime_answers_the_same_through_the_thread_pool(toy: ToyRuntime) -> None:
+    """The benchmarks' stand-in for predict="thread" (mexit.serve.testing.thread_hop) is a faithful wrapper."""
+    from mexit.serve.testing import ThreadHopRuntime, thread_hop
+
+    wrapped = thread_hop(toy={"seed": TOY_SEED})
+    assert isinstance(wrapped, ThreadHopRuntime) and wrapped.input_shape == toy.input_shape
+    app = create_app(wrapped, model_name="toy")
+    assert app.state.predict_plan.mode == "async"
+    with TestClient(app) as client:
+        x = batch(5)
+        out = outputs_of(client.post(INFER, json=infer_body(x)).json())
     np.testing.assert_array_equal(out["probabilities"], toy.predict(x).probs)
-
-
-def test_binary_tensor_extension_header_is_refused_clearly(client: TestClient) -> None:
-    response = client.post(INFER, content=b'{"inputs": []}\x00\x00\x80?',
-                           headers={"Inference-Header-Content-Length": "14"})
-    assert response.status_code == 400 and "binary tensor data extension" in response.json()["error"]

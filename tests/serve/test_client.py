@@ -66,6 +66,30 @@ def test_client_errors_are_not_retried(toy_server: ServerProcess) -> None:
     assert unknown.value.status == 404 and not isinstance(unknown.value, InputError)
 
 
+@pytest.mark.parametrize("binary", [None, True, False])
+def test_binary_tensor_data_against_the_server(toy_server: ServerProcess, binary: bool | None) -> None:
+    """Binary on, off, or (None) chosen from the server metadata, which lists the extension: same outputs."""
+    x = batch(16, seed=8)
+    expected = LocalClient(ToyRuntime(seed=TOY_SEED), expose_exit=False).infer(x).outputs
+    with OIPClient(toy_server.url, "toy", binary=binary) as client:
+        result = client.infer(x)
+        assert client.binary is (binary if binary is not None else True)
+        only = client.infer(x[:2], outputs=["label"])
+    assert set(only.outputs) == {"label"}
+    for name, arr in expected.items():
+        assert result.outputs[name].dtype == arr.dtype
+        np.testing.assert_array_equal(result.outputs[name], arr)
+
+
+def test_binary_auto_falls_back_to_json(stub: Callable[..., str]) -> None:
+    url = stub([])
+    with OIPClient(url, "toy") as client:
+        assert client.infer(batch(1)).outputs["label"].tolist() == [3]
+        assert client.binary is False
+    (body,) = stub.handler.bodies  # type: ignore[attr-defined]
+    assert json.loads(body)["inputs"][0]["data"]  # plain JSON, no binary part
+
+
 def test_client_side_input_checks() -> None:
     with OIPClient("http://127.0.0.1:9", "toy") as client, pytest.raises(InputError, match="floating-point"):
         client.infer(np.zeros((1, 16), dtype=np.int64))
@@ -97,6 +121,7 @@ class _Stub(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     script: ClassVar[list[tuple[int, bytes]]] = []
     hits: ClassVar[list[str]] = []
+    bodies: ClassVar[list[bytes]] = []
     connections: ClassVar[list[int]] = []
     drop_after_response = False
     delay_s = 0.0
@@ -105,8 +130,16 @@ class _Stub(http.server.BaseHTTPRequestHandler):
         super().setup()
         type(self).connections.append(1)
 
+    def do_GET(self) -> None:  # server metadata without the binary extension: clients must send JSON
+        body = json.dumps({"name": "stub", "version": "0", "extensions": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length", 0)))
+        type(self).bodies.append(self.rfile.read(int(self.headers.get("content-length", 0))))
         type(self).hits.append(self.path)
         time.sleep(self.delay_s)
         status, body = self.script.pop(0) if self.script else (200, _ok_body())
@@ -137,7 +170,7 @@ def stub() -> Iterator[Callable[..., str]]:
     servers: list[_QuietServer] = []
 
     def start(script: list[tuple[int, bytes]], *, drop: bool = False, delay_s: float = 0.0) -> str:
-        handler = type("Handler", (_Stub,), {"script": list(script), "hits": [], "connections": [],
+        handler = type("Handler", (_Stub,), {"script": list(script), "hits": [], "bodies": [], "connections": [],
                                              "drop_after_response": drop, "delay_s": delay_s})
         server = _QuietServer(("127.0.0.1", 0), handler)
         server.daemon_threads = True
@@ -215,3 +248,22 @@ def test_local_client_mirrors_the_server_interface(toy: ToyRuntime) -> None:
     # float64 input is cast like the server casts FP64
     as_f64 = LocalClient(toy).infer(x.astype(np.float64)).outputs["label"]
     np.testing.assert_array_equal(as_f64, default.outputs["label"])
+
+
+def test_response_time_still_rises_with_the_exit() -> None:
+    """The timing channel the audit measures survives the server: with a runtime whose compute grows
+    by 0.5 ms per exit (run on the event loop, since its worst case is under the inline bound), the
+    median round trip through the server rises with the exit, as it does in-process."""
+    kwargs = {"seed": TOY_SEED, "exit_delay_s": 0.0005}
+    runtime = ToyRuntime(**kwargs)  # type: ignore[arg-type]
+    x = batch(300, seed=12)
+    exits = runtime.predict(x).exit_index
+    picks = np.concatenate([np.flatnonzero(exits == k)[:40] for k in range(runtime.num_exits)])
+    assert all((exits[picks] == k).sum() >= 20 for k in range(runtime.num_exits))
+    with ServerProcess(factory="mexit.serve.testing:ToyRuntime", factory_kwargs=kwargs, model_name="toy") as server, \
+            OIPClient(server.url, "toy") as client:
+        for i in picks[:20]:
+            client.infer(x[i][None])  # warm-up
+        rtt = np.array([min(client.infer(x[i][None]).rtt_ns for _ in range(2)) for i in picks])
+    medians = [float(np.median(rtt[exits[picks] == k])) for k in range(runtime.num_exits)]
+    assert medians[0] < medians[1] < medians[2], medians

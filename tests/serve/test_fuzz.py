@@ -109,6 +109,60 @@ def test_poisoned_elements(fuzz_client: TestClient, poison: Any, position: int, 
     assert_rejected(fuzz_client.post(INFER, content=json.dumps(body).encode()))
 
 
+def binary_request(x: np.ndarray, *, size: int | None = None, cut: int = 0, header_delta: int = 0,
+                   outputs: list[dict] | None = None) -> tuple[bytes, dict[str, str]]:
+    """A binary-data request for ``x``, optionally lying about its size, cut short, or mis-split."""
+    raw = x.astype("<f4").tobytes()
+    body: dict[str, Any] = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                        "parameters": {"binary_data_size": len(raw) if size is None else size}}]}
+    if outputs is not None:
+        body["outputs"] = outputs
+    header = json.dumps(body).encode()
+    content = header + raw[: len(raw) - cut]
+    return content, {"Inference-Header-Content-Length": str(len(header) + header_delta)}
+
+
+@FUZZ
+@given(n=st.integers(min_value=1, max_value=8), size_delta=st.integers(min_value=-70, max_value=70),
+       cut=st.integers(min_value=0, max_value=70), header_delta=st.integers(min_value=-40, max_value=5000))
+def test_binary_sizes_and_header_lengths(fuzz_client: TestClient, n: int, size_delta: int, cut: int,
+                                         header_delta: int) -> None:
+    """A declared size that does not match shape x dtype, a body cut short, a header length anywhere."""
+    x = batch(n)
+    content, headers = binary_request(x, size=x.nbytes + size_delta, cut=min(cut, x.nbytes),
+                                      header_delta=header_delta)
+    response = fuzz_client.post(INFER, content=content, headers=headers)
+    if size_delta == 0 and cut == 0 and header_delta == 0:
+        assert response.status_code == 200
+    else:
+        assert_rejected(response)
+
+
+@FUZZ
+@given(outputs=st.lists(st.fixed_dictionaries(
+    {"name": st.sampled_from(["label", "probabilities", "exit_index", "logits", "", "LABEL"])},
+    optional={"parameters": st.fixed_dictionaries({}, optional={"binary_data": json_values})}), max_size=4))
+def test_binary_output_requests(fuzz_client: TestClient, outputs: list[dict]) -> None:
+    """Unknown outputs asked for in binary and non-boolean binary_data flags are 400s; valid ones succeed."""
+    content, headers = binary_request(batch(2), outputs=outputs)
+    response = fuzz_client.post(INFER, content=content, headers=headers)
+    known = {"label", "probabilities", "exit_index"}
+    valid = all(o["name"] in known and type(o.get("parameters", {}).get("binary_data", False)) is bool
+                for o in outputs)
+    if valid:
+        assert response.status_code == 200, response.text[:300]
+    else:
+        assert_rejected(response)
+
+
+@FUZZ
+@given(header=st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
+       | st.integers(min_value=-(2**70), max_value=2**70).map(str), body=st.binary(max_size=200))
+def test_garbage_header_lengths(fuzz_client: TestClient, header: str, body: bytes) -> None:
+    response = fuzz_client.post(INFER, content=body, headers={"Inference-Header-Content-Length": header})
+    assert_rejected(response)
+
+
 TABLE: list[tuple[str, str, Any, tuple[int, ...]]] = [
     # (method, path, body (bytes / JSON-able / None), allowed statuses)
     ("GET", INFER, None, (405,)),
@@ -147,7 +201,29 @@ TABLE: list[tuple[str, str, Any, tuple[int, ...]]] = [
                      "outputs": {"name": "label"}}, (400,)),
     ("POST", INFER, {"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [0] * 16}],
                      "parameters": []}, (400,)),
+    ("POST", INFER, {"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32",
+                                 "parameters": {"binary_data_size": 64}}]}, (400,)),  # declared, no binary part
 ]
+
+BINARY_TABLE: list[tuple[str, bytes, dict[str, str], str]] = [
+    # (case, body, headers, expected fragment of the error)
+    ("size != shape x dtype", *binary_request(batch(1), size=60, cut=4), "needs 64"),
+    ("header length beyond the body", *binary_request(batch(1), header_delta=65), "has only"),
+    ("header length inside the JSON", *binary_request(batch(1), header_delta=-5), "not valid JSON"),
+    ("binary output for an unknown output",
+     *binary_request(batch(1), outputs=[{"name": "logits", "parameters": {"binary_data": True}}]), "'logits'"),
+    ("binary part shorter than declared", *binary_request(batch(2), cut=1), "bytes after the JSON header"),
+    ("negative header length", binary_request(batch(1))[0], {"Inference-Header-Content-Length": "-1"},
+     "non-negative integer"),
+]
+
+
+def test_table_of_malformed_binary_requests(fuzz_client: TestClient) -> None:
+    for case, body, headers, fragment in BINARY_TABLE:
+        response = fuzz_client.post(INFER, content=body, headers=headers)
+        assert_rejected(response, (400,))
+        assert fragment in response.json()["error"], (case, response.json())
+    assert_still_serving(fuzz_client)
 
 
 def test_table_of_malformed_requests(fuzz_client: TestClient) -> None:

@@ -63,7 +63,7 @@ def test_timeguard_server_answers_the_same_labels(mlp_bundle: Path, tmp_path: Pa
 
     key = write_key_file(tmp_path / "timeguard.key")
     x = _inputs(8)
-    with ServerProcess(mlp_bundle, timeguard_sigma_ms=2.0, key_file=key) as server, \
+    with ServerProcess(mlp_bundle, defense="timeguard", defense_params={"sigma_ms": 2.0}, key_file=key) as server, \
             OIPClient(server.url, server.model_name) as client:
         labels = client.infer(x).outputs["label"]
         first = [client.infer(x[i : i + 1]).rtt_ns for i in range(4)]
@@ -77,7 +77,7 @@ def test_timeguard_needs_a_key(mlp_bundle: Path) -> None:
 
     env = {k: v for k, v in os.environ.items() if k != "MEXIT_TIMEGUARD_KEY"}
     with pytest.raises(UserError, match="key"):
-        ServerProcess(mlp_bundle, timeguard_sigma_ms=2.0, env=env).start()
+        ServerProcess(mlp_bundle, defense="timeguard", defense_params={"sigma_ms": 2.0}, env=env).start()
 
 
 def test_cli_serve_command_end_to_end(mlp_bundle: Path) -> None:
@@ -121,3 +121,36 @@ def test_cli_serve_busy_port_is_a_user_error(mlp_bundle: Path) -> None:
         result = CliRunner().invoke(command, [str(mlp_bundle), "--port", str(port)])
     assert isinstance(result.exception, UserError)  # the mexit group prints it as one line, exit 2
     assert f"port {port} on 127.0.0.1 is in use" in str(result.exception)
+
+
+def test_connect_a_bundle_gives_a_local_client_and_the_owner_runtime(mlp_bundle: Path) -> None:
+    from mexit.serve import connect
+
+    dep = connect(mlp_bundle, expose_exit=True, warmup=1)
+    x = _inputs(6)
+    out = dep.client.infer(x).outputs
+    np.testing.assert_array_equal(out["exit_index"], dep.owner.predict(x).exit_index)
+
+
+def test_connect_a_url_needs_a_model_name() -> None:
+    from mexit.errors import ConfigError
+    from mexit.serve import connect
+
+    with pytest.raises(ConfigError, match="pass the name of the model"):
+        connect("http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("mode", ["in-process", "server"])
+def test_deployed_applies_a_registered_defense(mlp_bundle: Path, tmp_path: Path, mode: str) -> None:
+    """The same defense spec guards an in-process deployment and a served one (its release ≥ padding time)."""
+    import time
+
+    from mexit.serve import deployed
+
+    with deployed(mlp_bundle, mode=mode, defense="padding", defense_params={"quantile": 1.0, "margin_ms": 5}
+                  ) as client:
+        x = _inputs(1)
+        client.infer(x)
+        start = time.perf_counter()
+        client.infer(x)
+        assert time.perf_counter() - start >= 0.005  # released no earlier than the 5 ms margin

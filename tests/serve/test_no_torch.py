@@ -10,8 +10,8 @@ CHILD = """
     import numpy as np
     import mexit.serve
     from mexit.serve import LocalClient, OIPClient, ServerProcess, ToyRuntime, create_app, serve
-    from mexit.serve import factory, server, __main__  # noqa: F401
-    import mexit.cli.serve  # noqa: F401
+    from mexit.serve import deploy, factory, server  # noqa: F401
+    import mexit.cli  # noqa: F401 (ServerProcess runs `python -m mexit.cli serve`: every command module imports)
     from starlette.testclient import TestClient
 
     client = TestClient(create_app(ToyRuntime(), model_name="toy"))

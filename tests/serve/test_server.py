@@ -1,4 +1,4 @@
-"""Server processes: port conflicts, lifecycle of ServerProcess, the `python -m mexit.serve` entry, the CLI."""
+"""Server processes: port conflicts, lifecycle of ServerProcess, the `python -m mexit.cli serve` entry, the CLI."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_module_entry_reports_busy_port_and_exits_2() -> None:
         busy.listen()
         port = busy.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "mexit.serve", "--factory", TOY_FACTORY, "--port", str(port)],
+            [sys.executable, "-m", "mexit.cli", "serve", "--factory", TOY_FACTORY, "--port", str(port)],
             capture_output=True, text=True, timeout=60, cwd=REPO,
         )
     assert done.returncode == 2
@@ -65,7 +65,7 @@ def test_module_entry_reports_busy_port_and_exits_2() -> None:
 
 
 def test_module_entry_needs_a_bundle_or_factory() -> None:
-    done = subprocess.run([sys.executable, "-m", "mexit.serve"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-m", "mexit.cli", "serve"], capture_output=True, text=True, timeout=60,
                           cwd=REPO)
     assert done.returncode == 2 and "bundle" in done.stderr
 
@@ -84,7 +84,7 @@ def test_server_process_always_terminates_its_child() -> None:
                 np.testing.assert_array_equal(out[name], expected[name])
         raise KeyError("the body failed")
     assert not _alive(pid) and not server.running()
-    assert "serving model" in server.last_log
+    assert "serving 'toyruntime'" in server.last_log
 
 
 def test_server_process_reports_a_failing_start() -> None:
@@ -125,14 +125,34 @@ def test_cli_command_help_and_missing_bundle(tmp_path: Path) -> None:
     helped = runner.invoke(command, ["--help"])
     assert helped.exit_code == 0
     for option in ("--host", "--port", "--model-name", "--expose", "--expose-exit", "--backend", "--threads",
-                   "--max-body-mb", "--timeguard-sigma", "--key-file", "--pad-to-final"):
+                   "--device", "--fp16", "--max-body-mb", "--defense", "--param", "--timeguard-sigma", "--key-file",
+                   "--pad-to-final"):
         assert option in helped.output
+    from mexit.defense.registry import defense_names
+    from mexit.runtime.registry import backend_names
+
+    flat = " ".join(helped.output.split())
+    assert all(name in flat for name in [*defense_names(), *backend_names()])  # listed from the registries
     missing = runner.invoke(command, [str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
-def test_factory_rejects_conflicting_defenses(tmp_path: Path) -> None:
-    from mexit.serve.factory import build_served_runtime
+@pytest.mark.parametrize(("args", "message"), [
+    (["--defense", "nope"], "valid defenses: optimal, padding, timeguard"),
+    (["--defense", "timeguard", "--param", "sigma_ms=0"], "sigma_ms must be > 0"),
+    (["--defense", "timeguard", "--param", "sigma_ms=-1"], "sigma_ms must be > 0"),
+    (["--defense", "padding", "--param", "quantile=1.5"], "quantile must be in (0, 1]"),
+    (["--defense", "padding", "--param", "quantile=0"], "quantile must be in (0, 1]"),
+    (["--defense", "timeguard", "--param", "foo=1"], "its parameters: sigma_ms"),
+    (["--defense", "timeguard", "--param", "sigma_ms"], "is not NAME=VALUE"),
+    (["--timeguard-sigma", "2", "--pad-to-final"], "choose one defense"),
+    (["--param", "sigma_ms=2"], "needs --defense"),
+    (["--backend", "openvinox"], "unknown backend 'openvinox'; use one of onnxruntime"),
+])
+def test_bad_defense_or_backend_is_one_line_and_exit_two(tmp_path: Path, args: list[str], message: str) -> None:
+    from mexit.cli import cli
 
-    with pytest.raises(UserError, match="choose one defense"):
-        build_served_runtime(tmp_path, sigma_ms=5.0, pad_to_final=True)
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output

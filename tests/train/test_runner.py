@@ -115,3 +115,66 @@ def test_splits_are_reused_from_the_run(finished_run):
     a = np.load(out / "splits.npz")
     run = load_run(out)
     assert np.array_equal(a["target_train"], run.splits.target_train)
+
+
+def test_run_records_tau_curve_and_deployed_accuracy(finished_run):
+    _, metrics = finished_run
+    th = metrics["threshold"]
+    assert th["rule"] == "final-exit" and len(th["curve"]) == 21  # the whole curve is kept with the run
+    assert len(metrics["deployed_curve"]) == 21
+    dep = metrics["deployed"]
+    assert dep["tau"] == th["tau"]
+    assert 0.0 <= dep["train_accuracy"] <= 1.0 and 0.0 <= dep["test_accuracy"] <= 1.0
+    assert sum(dep["train_exit_shares"]) == pytest.approx(1.0)
+    top = metrics["deployed_curve"][-1]  # τ = 1: nobody is that confident, everyone takes the final exit
+    assert top["train_exit_shares"][-1] == 1.0
+    assert top["train_accuracy"] == pytest.approx(metrics["final_exit"]["train_accuracy"])
+
+
+def test_target_and_shadow_start_from_different_weights(tmp_path, monkeypatch):
+    """One seed gives both roles one partition (disjoint parts) but their initial weights must differ."""
+    inits = {}
+    real = runner._build
+
+    def spy(config, dataset):
+        model = real(config, dataset)
+        inits[config.role] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    monkeypatch.setattr(runner, "_build", spy)
+    cfg = {**FAST, "epochs": 1}
+    t = train_run(make_config(**cfg), tmp_path / "t", progress=False)
+    s = train_run(make_config(**{**cfg, "role": "shadow"}), tmp_path / "s", progress=False)
+    assert t["init_seed"] != s["init_seed"]
+    weights = [k for k, v in inits["target"].items() if v.dim() >= 2]  # layers, not BatchNorm ones/zeros
+    assert weights
+    assert not any(torch.equal(inits["target"][k], inits["shadow"][k]) for k in weights)
+    assert runner.role_seed(3, "target") == t["init_seed"]  # deterministic in (seed, role)
+    assert runner.role_seed(3, "target") != runner.role_seed(4, "target")
+    st, ss = load_run(tmp_path / "t").splits, load_run(tmp_path / "s").splits
+    assert st == ss  # the split is seeded by the seed alone
+    from mexit.data.splits import check_disjoint
+
+    check_disjoint(st, ss)
+
+
+def test_vanilla_tau_rule(tmp_path, finished_run):
+    out, metrics = finished_run
+    with pytest.raises(ConfigError, match="needs the vanilla model"):
+        train_run(make_config(**FAST), tmp_path / "x", progress=False, tau_rule="vanilla")
+    assert not (tmp_path / "x").exists()
+    vanilla = tmp_path / "vanilla"
+    van = train_run(make_config(**{**FAST, "exits": 1}), vanilla, progress=False)
+    with pytest.raises(ConfigError, match="1-exit run"):
+        train_run(make_config(**FAST), tmp_path / "y", progress=False, vanilla_run=out)
+    # a finished run asked for the paper's rule re-picks τ from its recorded curve, without retraining
+    again = train_run(make_config(**FAST), out, progress=False, vanilla_run=vanilla)
+    th = again["threshold"]
+    assert th["rule"] == "vanilla" and th["vanilla_accuracy"] == van["final_exit"]["val_accuracy"]
+    assert th["curve"] == metrics["threshold"]["curve"]
+    assert again["deployed"]["tau"] == th["tau"]
+    eligible = [p for p in th["curve"] if p["accuracy"] >= th["vanilla_accuracy"] - th["tolerance"] - 1e-12]
+    if eligible:
+        assert th["flops_fraction"] == min(p["flops_fraction"] for p in eligible)
+    back = runner.rechoose_threshold(out, rule="final-exit")
+    assert back["threshold"]["tau"] == metrics["threshold"]["tau"]

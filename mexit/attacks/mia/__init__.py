@@ -24,11 +24,14 @@ gradient               probs, loss, embedding, gradient (white-box)             
 gradient-hybrid        probs, loss, embedding, gradient, exit_index                yes
 =====================  =========================================================  ======
 
-Hybrid attacks use ``Signals.exit_index`` — the exit the adversary *observed* (exposed by the server,
+Every public module of this package is imported here, so its ``@register`` decorators run: a new attack
+is one new module. Hybrid attacks use ``Signals.exit_index`` — the exit the adversary *observed* (exposed by the server,
 or stolen from latency) — and never ``true_exit``.
 """
 
-from mexit.attacks.mia import exit_only, gradient, label_only, score_based, threshold  # noqa: F401 (register)
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from mexit.attacks.mia.base import MembershipAttack, NotFittedError, best_threshold
 from mexit.attacks.mia.label_only import (
     FlipChoice,
@@ -37,7 +40,7 @@ from mexit.attacks.mia.label_only import (
     collect_label_only_scores,
     flip_robustness,
 )
-from mexit.attacks.mia.registry import ATTACKS, attack_names, attacks_for, get_attack, register
+from mexit.attacks.mia.registry import ATTACKS, attack_names, attacks_for, get_attack, register, signals_needed
 
 __all__ = [
     "ATTACKS",
@@ -53,4 +56,10 @@ __all__ = [
     "flip_robustness",
     "get_attack",
     "register",
+    "signals_needed",
 ]
+
+# Every public module of this package registers its attacks on import: adding an attack is adding a module.
+for _module in _pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_") and _module.name not in ("base", "registry"):
+        _importlib.import_module(f"{__name__}.{_module.name}")

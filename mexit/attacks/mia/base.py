@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import ClassVar, Self
 
 import numpy as np
@@ -27,9 +27,8 @@ from mexit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-#: Optional ``Signals`` arrays (``None`` when not observed); the rest are always present.
-OPTIONAL_FIELDS = frozenset({"probs", "loss", "exit_index", "true_exit", "latency_ns", "embedding", "gradient",
-                             "label_only_score"})
+#: Optional ``Signals`` arrays (``None`` when not observed), read off the dataclass: a new signal is one field there.
+OPTIONAL_FIELDS = frozenset(f.name for f in fields(Signals) if f.default is None)
 #: Fields that describe the adversary's access but are always recorded (labels are always returned).
 ALWAYS_PRESENT = frozenset({"pred_label", "true_label"})
 

@@ -49,3 +49,11 @@ def attacks_for(available: set[str] | frozenset[str]) -> list[str]:
     """The attacks an adversary can run given the Signals fields it observes (e.g. ``{"probs", "loss"}``)."""
     have = set(available) | ALWAYS_PRESENT
     return sorted(n for n, c in ATTACKS.items() if c.requires <= have)
+
+
+def signals_needed(names: list[str] | tuple[str, ...] | set[str] | frozenset[str]) -> frozenset[str]:
+    """The Signals fields the attacks ``names`` read: what a collector must record for them, and no more."""
+    unknown = sorted(set(names) - set(ATTACKS))
+    if unknown:
+        raise ConfigError(f"unknown membership attack(s) {', '.join(unknown)}; known: {', '.join(attack_names())}")
+    return frozenset().union(*(ATTACKS[n].requires for n in names)) if names else frozenset()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from torch import nn
@@ -37,3 +38,24 @@ def image_backbone_spec(
             module.apply(init)
     return BackboneSpec(arch=arch, blocks=blocks, make_head=make_head, final_head=final,
                         exit_candidates=exit_candidates)
+
+
+def reference_init(module: nn.Module, *, linear_std: float | None, zero_conv_bias: bool) -> None:
+    """The reference code's VGG/WRN initialisation (one copy for both; ``module.apply`` via a lambda).
+
+    Convs: N(0, 2 / (k·k·out)), biases zeroed if ``zero_conv_bias``; BatchNorm: weight 1, bias 0; Linear: bias 0
+    and, when ``linear_std`` is given, weight N(0, linear_std²). VGG zeroes conv biases and draws Linear weights;
+    the WRN keeps PyTorch's default conv biases and Linear weights, as the reference did.
+    """
+    if isinstance(module, nn.Conv2d):
+        n = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / n))
+        if zero_conv_bias and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        if linear_std is not None:
+            nn.init.normal_(module.weight, 0.0, linear_std)
+        nn.init.zeros_(module.bias)

@@ -10,12 +10,11 @@ linear weights N(0, 0.01), zero biases, BN γ = 1, β = 0 — applied to the exi
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 from torch import nn
 
-from mexit.train.backbones._common import image_backbone_spec
+from mexit.train.backbones._common import image_backbone_spec, reference_init
 from mexit.train.heads import ExitHead
 from mexit.train.multiexit import BackboneSpec
 
@@ -25,18 +24,8 @@ FC_LAYERS = {32: (512, 512), 64: (2048, 1024)}
 
 
 def init_weights(module: nn.Module) -> None:
-    """The reference's VGG initialisation (``module.apply`` target)."""
-    if isinstance(module, nn.Conv2d):
-        k = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / k))
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, 0.0, 0.01)
-        nn.init.zeros_(module.bias)
+    """The reference's VGG initialisation (``module.apply`` target): Linear weights N(0, 0.01²)."""
+    reference_init(module, linear_std=0.01, zero_conv_bias=True)
 
 
 def _conv_block(cin: int, cout: int, pool: bool) -> nn.Sequential:

@@ -11,12 +11,10 @@ weights N(0, √(2 / (k²·out))), BN 1/0, linear biases 0 (weights at PyTorch d
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from mexit.train.backbones._common import image_backbone_spec
+from mexit.train.backbones._common import image_backbone_spec, reference_init
 from mexit.train.heads import pooled_final_head
 from mexit.train.multiexit import BackboneSpec
 
@@ -28,15 +26,8 @@ EMBEDDING = 512
 
 
 def init_weights(module: nn.Module) -> None:
-    """The reference's WRN initialisation (``module.apply`` target)."""
-    if isinstance(module, nn.Conv2d):
-        n = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / n))
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear):
-        nn.init.zeros_(module.bias)
+    """The reference's WRN initialisation (``module.apply`` target): default Linear weights, zero biases."""
+    reference_init(module, linear_std=None, zero_conv_bias=False)
 
 
 class WideBlock(nn.Module):

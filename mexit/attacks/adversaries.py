@@ -1,6 +1,6 @@
-"""Membership attacks per adversary, scored once on the target: what each adversary sees, and how well it does.
+"""The three adversaries of the paper: what each one observes, and its attacks scored once on the target.
 
-Shared by ``mexit attack`` (:mod:`mexit.attacks.experiment`) and the audit pipeline.
+Used by the attack flow (:mod:`mexit.attacks.flow`), which ``mexit attack`` and the audit both run.
 
 The three adversaries of the paper differ only in where the exit they feed a hybrid attack comes from
 and which shadow they trained:
@@ -25,19 +25,21 @@ from typing import Any
 
 import numpy as np
 
-from mexit.attacks.metrics import attack_metrics, roc_points
+from mexit.attacks.metrics import (
+    attack_metrics,
+    low_fpr_tpr,
+    paired_bootstrap,
+    roc_points,
+    significance_statement,
+)
 from mexit.attacks.mia import ATTACKS, get_attack
 from mexit.attacks.signals import Signals
-from mexit.attacks.stealing import KDEExitStealer, SupervisedExitStealer
+from mexit.attacks.stealing import clip_exits
 from mexit.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ROC_MAX_POINTS = 400
-# What :func:`steal` computes, versioned: cached audit stages that used another version are redone.
-# 2: trimmed-mean reduction, KDE aligned to the shadow's exits, blind KDE for adversary 3, logistic stealer.
-# 3: the alignment maps clusters to non-decreasing (not strictly increasing) exits.
-STEALING_VERSION = 3
 ADVERSARY_TEXT = {
     1: "exit exposed by the deployment, same-architecture shadow",
     2: "exit stolen from response times, same-architecture shadow",
@@ -53,41 +55,19 @@ def original_of(name: str) -> str | None:
     return base if base != name and base in ATTACKS else None
 
 
-def clip_exits(exits: np.ndarray, num_exits: int) -> np.ndarray:
-    """Stolen exits as valid indices (an unsupervised stealer may find more clusters than exits)."""
-    return np.clip(np.asarray(exits, dtype=np.int64), 0, num_exits - 1)
+def shadow_view(shadow: Signals, exits: np.ndarray | None = None) -> Signals:
+    """The adversary's own shadow, with the exits its hybrid attacks are fitted on.
 
-
-def steal(target_lat: np.ndarray, shadow_lat: np.ndarray, shadow_exits: np.ndarray, num_exits: int, seed: int
-          ) -> tuple[dict[str, np.ndarray], dict[str, KDEExitStealer]]:
-    """Exits stolen from ``target_lat`` by three stealers, and the two KDE fits (for reports).
-
-    * ``kde-blind`` — the unsupervised KDE alone: the number of exits discovered, clusters numbered by
-      latency rank. All an adversary without timings of its own for this architecture has (adversary 3).
-    * ``kde`` — the KDE as adversary 2 runs it: it owns a same-architecture shadow deployment, so it asks
-      for as many clusters as exits its shadow used and numbers them by matching each cluster to the exit
-      whose shadow latency is closest (:meth:`KDEExitStealer.align`). Clustering the target's own timings
-      keeps it robust to drift between the two deployments; the alignment fixes the numbering when fast
-      exits go unused.
-    * ``supervised`` — a classifier trained on the shadow's latencies and true exits (when the shadow took a
-      single exit, it predicts that exit): strongest when both deployments time alike.
+    Default: the true exits (its owner knows them) — right for adversary 1, who reads the target's exits
+    too. Adversaries 2 and 3 pass ``exits`` stolen from the shadow's own timings (cross-fitted), so their
+    attacks learn how far a stolen exit can be trusted (a model fitted on true exits and applied to stolen
+    ones trusts a feature that is wrong whenever stealing errs).
     """
-    blind = KDEExitStealer(max_exits=num_exits).fit(target_lat)
-    stolen = {"kde-blind": clip_exits(blind.predict(target_lat), num_exits)}
-    used = len(np.unique(shadow_exits))
-    aligned = KDEExitStealer(max_exits=num_exits, n_exits=used).fit(target_lat).align(shadow_lat, shadow_exits,
-                                                                                       num_exits)
-    stolen["kde"] = clip_exits(aligned.predict(target_lat), num_exits)
-    sup = SupervisedExitStealer(seed=seed).fit(shadow_lat, shadow_exits)  # one shadow exit: always predicts it
-    stolen["supervised"] = clip_exits(sup.predict(target_lat), num_exits)
-    return stolen, {"kde": aligned, "kde-blind": blind}
-
-
-def shadow_view(shadow: Signals) -> Signals:
-    """The adversary's own shadow: it knows every exit its model took."""
     if shadow.true_exit is None:
         raise UserError("shadow signals hold no ground-truth exits; collect them with true_exit_runtime")
-    return shadow.with_exits(shadow.true_exit, "shadow-known")
+    if exits is None:
+        return shadow.with_exits(shadow.true_exit, "shadow-known")
+    return shadow.with_exits(clip_exits(exits, shadow.num_exits), "shadow-stolen")
 
 
 def target_view(adversary: int, target: Signals, stolen: dict[str, np.ndarray], stealer: str) -> Signals:
@@ -97,6 +77,23 @@ def target_view(adversary: int, target: Signals, stolen: dict[str, np.ndarray], 
         return target.with_exits(exits, "exposed")
     name = stealer if adversary == 2 else "kde-blind"
     return target.with_exits(clip_exits(stolen[name], target.num_exits), f"stolen-{name}")
+
+
+def fitting_signals(name: str, shadow_view_: Signals, target_view_: Signals) -> Signals:
+    """What attack ``name`` is fitted on: the shadow, or — for a reference attack whose shadow has no IN
+    reference (online LiRA/RMIA need them) — reference model 0 playing the target among the other references
+    (Privacy Meter's paired model). That uses only the adversary's own knowledge: which samples each of its
+    reference models trained on, never the target's membership."""
+    if "reference_in" not in ATTACKS[name].requires or "online" not in name:
+        return shadow_view_
+    ref_in = shadow_view_.reference_in
+    if ref_in is not None and ref_in.any():
+        return shadow_view_
+    if target_view_.reference_in is None or not target_view_.reference_in.any():
+        return shadow_view_  # no IN reference anywhere: the attack refuses with its own message
+    from mexit.attacks.reference import paired_shadow
+
+    return paired_shadow(target_view_, 0)
 
 
 def downsample_roc(member: np.ndarray, scores: np.ndarray, max_points: int = ROC_MAX_POINTS) -> dict[str, Any]:
@@ -124,6 +121,8 @@ def run_attack(name: str, shadow: Signals, target: Signals, *, seed: int, bootst
         return {"error": str(exc)}, None, None
     metrics = attack_metrics(target.member, scores, threshold=float(attack.threshold_), n_bootstrap=bootstrap,
                              seed=seed)
+    metrics["low_fpr"] = low_fpr_tpr(target.member, scores)  # Clopper-Pearson, or "not measurable" with few non-members
+    metrics["significance"] = significance_statement(metrics)
     metrics["roc"] = downsample_roc(target.member, scores)
     metrics["hybrid"] = bool(ATTACKS[name].hybrid)
     return metrics, scores, attack
@@ -156,8 +155,14 @@ def evaluate_adversaries(
     stealer: str,
     seed: int,
     bootstrap: int,
+    shadow_exits: dict[int, np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Every requested attack for every requested adversary: JSON results and the per-sample scores."""
+    """Every requested attack for every requested adversary: JSON results and the per-sample scores.
+
+    ``shadow_exits``: per adversary, the exits its shadow's hybrid attacks are fitted on (stolen,
+    cross-fitted, for adversaries 2 and 3); absent adversaries use the shadow's true exits.
+    """
+    shadow_exits = shadow_exits or {}
     results: dict[str, Any] = {}
     scores_out: dict[str, np.ndarray] = {}
     originals: dict[tuple[str, str], tuple[dict[str, Any], np.ndarray | None]] = {}
@@ -165,7 +170,7 @@ def evaluate_adversaries(
         shadow_signals = shadow3 if adv == 3 else shadow
         if shadow_signals is None:
             raise UserError("adversary 3 needs the signals of its own shadow deployment")
-        sv = shadow_view(shadow_signals)
+        sv = shadow_view(shadow_signals, shadow_exits.get(adv))
         tv = target_view(adv, target, stolen, stealer)
         attacks: dict[str, Any] = {}
         for name in names:
@@ -178,7 +183,8 @@ def evaluate_adversaries(
             if not hybrid and cache_key in originals:
                 metrics, scores = originals[cache_key]
             else:
-                metrics, scores, _ = run_attack(name, sv, tv, seed=seed, bootstrap=bootstrap)
+                metrics, scores, _ = run_attack(name, fitting_signals(name, sv, tv), tv, seed=seed,
+                                                bootstrap=bootstrap)
                 if not hybrid:
                     originals[cache_key] = (metrics, scores)
             metrics = {**metrics, "hybrid": hybrid, "original": original_of(name)}
@@ -193,10 +199,16 @@ def evaluate_adversaries(
             h, o = attacks[name], attacks[base]
             if "error" in h or "error" in o:
                 continue
-            pairs.append({"hybrid": name, "original": base,
-                          "auc": [metric_value(o, "auc"), metric_value(h, "auc")],
-                          "balanced_accuracy": [metric_value(o, "balanced_accuracy"),
-                                                metric_value(h, "balanced_accuracy")]})
+            pair: dict[str, Any] = {"hybrid": name, "original": base,
+                                    "auc": [metric_value(o, "auc"), metric_value(h, "auc")],
+                                    "balanced_accuracy": [metric_value(o, "balanced_accuracy"),
+                                                          metric_value(h, "balanced_accuracy")]}
+            so, sh = scores_out.get(f"adv{adv}/{base}"), scores_out.get(f"adv{adv}/{name}")
+            if bootstrap and so is not None and sh is not None:
+                # the same target samples scored by both: the difference gets a paired interval, not two
+                # overlapping unpaired ones (a "gain" is only a gain when this interval excludes 0)
+                pair["paired"] = paired_bootstrap(target.member, so, sh, n_bootstrap=bootstrap, seed=seed)
+            pairs.append(pair)
         results[str(adv)] = {
             "adversary": adv,
             "description": ADVERSARY_TEXT[adv],
