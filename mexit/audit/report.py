@@ -66,7 +66,7 @@ def verdict(results: dict[str, Any]) -> list[str]:
     if "balanced_accuracy" in chosen:
         leaks = chosen["balanced_accuracy"] > chosen["balanced_chance"] + 0.05
         best = _best_stealer(st)
-        hindsight = "" if best is None or best[0] == st["chosen"] else (
+        hindsight = "" if best is None or best[1]["balanced_accuracy"] <= chosen["balanced_accuracy"] + 0.005 else (
             f" In hindsight the {best[0]} stealer would have done {best[1]['balanced_accuracy']:.2f}.")
         lines.append(
             f"{'Leaks' if leaks else 'No clear leak'} through response times: the stealer adversary 2 picks on its own "
@@ -97,7 +97,7 @@ def verdict(results: dict[str, Any]) -> list[str]:
         )
     block = results.get("defenses")
     if block:
-        lines.append(block["verdict"])
+        lines.append(f"Timing defenses, judged by the oracle stealer and the Bayes bound: {block['verdict']}")
     live = results.get("live")
     if live:
         chance = _fmt(block["chance_balanced"], 2) if block else "–"
