@@ -78,6 +78,7 @@ def command(target: str, target_run: Path, shadow: str, shadow_run: Path, target
         if "accuracy" in rep:
             click.echo(f"exit stealing ({kind}): accuracy {rep['accuracy']:.3f} (chance {rep['chance']:.3f}), "
                        f"balanced {rep['balanced_accuracy']:.3f} (chance {rep['balanced_chance']:.3f})")
+    click.echo(f"adversary 2 steals with: {stealing['chosen']} (picked on its own shadow's timings)")
     for adv, block in results["adversaries"].items():
         click.echo(f"adversary {adv} ({block['description']}):")
         for name, m in block["attacks"].items():
