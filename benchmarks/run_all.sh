@@ -5,10 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
 python benchmarks/train_throughput.py --out $R/train_throughput.json
-python benchmarks/runtime_latency.py --run runs/location/fcn18-1-x6-target \
-  --bundle bundles/location/fcn18-1-x6-target-t0.9
-python benchmarks/runtime_latency.py --run runs/cifar10-resnet56-x6 --bundle bundles/cifar10-resnet56-x6 \
-  --threshold 0.6 --rounds 150 --samples 300 --repeats 2
+# The runtime rows use the targets of the Location and CIFAR-10 audits (docs/audits/README.md has their
+# `mexit audit --out runs/audit-location …` / `runs/audit-cifar10 …` commands).
+python benchmarks/runtime_latency.py --run runs/audit-location/train-target-*/run \
+  --bundle runs/audit-location/export-target-*/bundle --out $R/runtime_latency_location_fcn18-1_x6.json
+python benchmarks/runtime_latency.py --run runs/audit-cifar10/train-target-*/run \
+  --bundle runs/audit-cifar10/export-target-*/bundle --threshold 0.6 --out $R/runtime_latency_cifar10_resnet56_x6.json
 python benchmarks/serve_overhead.py --bundle bundles/location/fcn18-1-x6-target-t0.9 --out $R/serve_overhead.json
 python benchmarks/serve_load.py --bundle bundles/location/fcn18-1-x6-target-t0.9 --out $R/serve_load.json
 python benchmarks/defense_timeguard.py --out $R/defense_timeguard.json
