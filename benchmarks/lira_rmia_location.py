@@ -110,12 +110,10 @@ def main() -> None:
 
     from mexit.attacks.metrics import attack_metrics, low_fpr_tpr, paired_bootstrap, significance_statement
     from mexit.attacks.mia import get_attack
-    from mexit.attacks.mia import lira as _lira  # noqa: F401 (registers)
-    from mexit.attacks.mia import rmia as _rmia  # noqa: F401 (registers)
     from mexit.attacks.reference import paired_shadow, reference_signals, single_reference
     from mexit.attacks.stealing import SupervisedExitStealer
+    from mexit.audit.executors import map_tasks
     from mexit.audit.reference import train_references
-    from mexit.audit.sweep import map_tasks
     from mexit.data import load_dataset, make_splits
 
     load_before = os.getloadavg()

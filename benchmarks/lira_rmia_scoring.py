@@ -23,8 +23,6 @@ from scipy.special import expit
 
 from mexit._io import atomic_write_json, provenance
 from mexit.attacks.mia import get_attack
-from mexit.attacks.mia import lira as _lira  # noqa: F401 (registers the LiRA variants)
-from mexit.attacks.mia import rmia as _rmia  # noqa: F401 (registers the RMIA variants)
 from mexit.attacks.reference import half_splits
 from mexit.attacks.signals import Signals
 

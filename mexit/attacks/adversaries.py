@@ -84,7 +84,7 @@ def fitting_signals(name: str, shadow_view_: Signals, target_view_: Signals) -> 
     reference (online LiRA/RMIA need them) — reference model 0 playing the target among the other references
     (Privacy Meter's paired model). That uses only the adversary's own knowledge: which samples each of its
     reference models trained on, never the target's membership."""
-    if "reference_in" not in ATTACKS[name].requires or "online" not in name:
+    if not getattr(ATTACKS[name], "online", False):
         return shadow_view_
     ref_in = shadow_view_.reference_in
     if ref_in is not None and ref_in.any():

@@ -277,12 +277,10 @@ def adaptive_plan(plan: AttackPlan, shadow: Signals) -> Any:
     if plan.query_budget is None:
         return None
     from mexit.attacks.collect import Adaptive
-    from mexit.attacks.stealing import describe_jitter
 
     if shadow.latency_ns is None or shadow.true_exit is None:
         raise UserError("adaptive querying needs the shadow's timings and exits: collect the shadow first")
-    jitter = describe_jitter(shadow.latency_ns, shadow.true_exit, shadow.num_exits, seed=plan.seed)
-    log.info("deployment jitter measured on the shadow: %s", jitter)
+    # the collector replays the sequential test on the shadow and logs how many queries the target will need
     model = fit_timing_model(shadow.latency_ns, shadow.true_exit, shadow.num_exits, seed=plan.seed)
     return Adaptive(model, query_budget=float(plan.query_budget))
 
@@ -392,7 +390,7 @@ def _fit_json(fit: Any) -> dict[str, Any]:
     if "bandwidth" in d:
         bw = d.pop("bandwidth")
         d["bandwidth_ms"] = None if bw is None else float(bw) / 1e6
-    if "n_exits_" not in d and hasattr(fit, "n_exits_"):
+    if hasattr(fit, "n_exits_"):
         d["clusters"] = int(fit.n_exits_)
     return d
 
@@ -560,7 +558,8 @@ def attack_deployments(*, target: str, target_run: Path, shadow: str, shadow_run
         members, non = (run.splits.shadow_train, run.splits.shadow_test) if part == "shadow" else \
             (run.splits.target_train, run.splits.target_test)
         q = QuerySet.from_split(run.dataset.inputs, run.dataset.y, members, non, samples, qseed)
-        return Side(dep.client, q, dep.owner, white_box=_white_box(run) if "gradient" in plan.signals else None)
+        wb = white_box_features(run.model, run.threshold) if "gradient" in plan.signals else None
+        return Side(dep.client, q, dep.owner, white_box=wb)
 
     t_side = side(target, t_run, target_model, target_bundle, "target", seed, "target")
     s_side = side(shadow, s_run, shadow_model, shadow_bundle, "shadow", seed + 1, "shadow")
@@ -589,11 +588,12 @@ def _check_disjoint(target_run: Any, shadow_run: Any, what: str) -> None:
         check_disjoint(target_run.splits, shadow_run.splits, what=f"the target and {what} runs")
 
 
-def _white_box(run: Any) -> Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]:
-    """White-box features of ``run``'s model at its deployed threshold (the auditor lends the weights)."""
+def white_box_features(model: Any, threshold: float) -> Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+    """The white-box recorder's source: embeddings and last-layer gradients of ``model`` at the deployed
+    ``threshold`` (the auditor lends the weights)."""
     from mexit.attacks.whitebox import whitebox_signals
 
     def features(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-        return whitebox_signals(run.model, x, y, threshold=float(run.threshold))
+        return whitebox_signals(model, x, y, threshold=float(threshold))
 
     return features

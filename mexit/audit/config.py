@@ -384,7 +384,7 @@ def _cross_checks(cfg: AuditConfig) -> None:
     if white_box and cfg.attacks.adversaries == [3]:
         raise _CrossFieldError("attacks.names", f"{', '.join(white_box)} are white-box attacks (they need the "
                                                 "target model), which adversary 3 does not have")
-    online = [n for n in cfg.attacks.names if "reference_in" in ATTACKS[n].requires and "online" in n]
+    online = [n for n in cfg.attacks.names if getattr(ATTACKS[n], "online", False)]
     if online and cfg.attacks.reference_models < 2:
         raise _CrossFieldError("attacks.reference_models", f"{', '.join(online)} need reference models that trained "
                                                            "on the queried samples: set attacks.reference_models to "

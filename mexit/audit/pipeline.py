@@ -387,15 +387,11 @@ def _references_for(a: _Audit, role: str, exports: dict[str, StageResult], refs:
 
 
 def _white_box(a: _Audit, train: StageResult, export: StageResult) -> Any:
-    from mexit.attacks.whitebox import whitebox_signals
+    from mexit.attacks.flow import white_box_features
     from mexit.train.runner import load_run
 
     run = load_run(train.path / "run", data_root=a.data_root(train.result["dataset"]))
-
-    def features(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-        return whitebox_signals(run.model, x, y, threshold=float(export.result["threshold"]))
-
-    return features
+    return white_box_features(run.model, float(export.result["threshold"]))
 
 
 def _steal_stage(a: _Audit, target: StageResult, shadow: StageResult) -> StageResult:

@@ -7,7 +7,7 @@ of the models), trains every model and exports it as a bundle — the same bundl
 served from, so the references' exits are real — and writes the manifest
 (:class:`mexit.attacks.reference.ReferenceSet`) last.
 
-* **Parallel**: each model is one task on the sweep executors (:func:`mexit.audit.sweep.map_tasks`: a
+* **Parallel**: each model is one task on the sweep executors (:func:`mexit.audit.executors.map_tasks`: a
   local process pool, or Ray), ``threads`` torch/BLAS threads each.
 * **Resumable**: a model's directory gets ``done.json`` after its bundle is complete; a re-run trains
   only the models without one, so an interrupted set resumes where it stopped.
@@ -172,7 +172,7 @@ def train_references(*, dataset: str, arch: str, exits: int, pool: np.ndarray, n
               "recipe": recipe, "train_index": halves[r].tolist(), "pool": pool.tolist(),
               "torch_seed": reference_seed(seed, r), "threshold": float(threshold), "exporter": exporter,
               "threads": threads} for r in range(n_models)]
-    from mexit.audit.sweep import map_tasks
+    from mexit.audit.executors import map_tasks
 
     start = time.perf_counter()
     rows = map_tasks(train_one_reference, [(s,) for s in specs], executor=executor, workers=workers,

@@ -139,9 +139,7 @@ def verdict(results: dict[str, Any]) -> list[str]:
 
 def _low_fpr(entry: dict[str, Any], fpr: str) -> str:
     """TPR at a low FPR with its exact interval, or why it cannot be measured on this many non-members."""
-    row = (entry.get("low_fpr") or {}).get(fpr)
-    if row is None:
-        return _fmt((entry.get("tpr_at_fpr") or {}).get(fpr, {}).get("value"))
+    row = entry["low_fpr"][fpr]
     if row.get("value") is None:
         return row.get("note") or "not measurable"
     return f"{row['value']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]"
@@ -255,14 +253,9 @@ def _fig_exit_distribution(r: dict[str, Any]) -> Any:
 
 def _js_rows(leakage: dict[str, Any]) -> list[dict[str, Any]]:
     """Per-exit loss divergence as rows {exit, value, baseline, n} (:func:`mexit.attacks.metrics.per_exit_js`)."""
-    rows = []
-    for e, row in enumerate(leakage.get("loss_js_divergence_per_exit") or []):
-        if isinstance(row, dict):
-            rows.append({"exit": e, "value": row.get("js"), "baseline": row.get("baseline_mean"),
-                         "n": f"{row.get('n_members')}/{row.get('n_nonmembers')}", "p": row.get("p_value")})
-        else:  # a bare value (older results)
-            rows.append({"exit": e, "value": row, "baseline": None, "n": None, "p": None})
-    return rows
+    return [{"exit": row["exit"], "value": row["js"], "baseline": row["baseline_mean"],
+             "n": f"{row['n_members']}/{row['n_nonmembers']}", "p": row["p_value"]}
+            for row in leakage.get("loss_js_divergence_per_exit") or []]
 
 
 def _fig_loss(r: dict[str, Any], run_dir: Path) -> Any:
@@ -299,8 +292,7 @@ def _fig_loss(r: dict[str, Any], run_dir: Path) -> Any:
         if row["value"] is None:
             axes[1].annotate("too few\nsamples", (row["exit"], 0), xytext=(0, 4), textcoords="offset points",
                              ha="center", fontsize=7, color="grey")
-    axes[1].set_xticks(x, [f"exit {i}" + (f"\n{row['n']}" if row["n"] is not None else "")
-                           for i, row in zip(x, rows, strict=False)], fontsize=7)
+    axes[1].set_xticks(x, [f"exit {row['exit']}\n{row['n']}" for row in rows], fontsize=7)
     axes[1].set_ylabel("JS divergence of loss")
     axes[1].set_title("Member/non-member loss divergence by exit", fontsize=9)
     return fig
@@ -517,14 +509,12 @@ def render_html(results: dict[str, Any], figures: dict[str, str]) -> str:
 
     parts.append("<h2>Loss distributions and JS divergence by exit</h2>")
     parts.append(_img("loss", figures, "loss distributions and JS divergence"))
-    js_rows = _js_rows(results["leakage"])
-    if any(row["baseline"] is not None for row in js_rows):
-        parts.append(_table(["exit", "JS divergence", "shuffled-label baseline", "members/non-members",
-                             "permutation p"],
-                            [[f"exit {row['exit']}", row["value"], row["baseline"], row["n"], row["p"]]
-                             for row in js_rows]))
-        parts.append("<p class='muted'>An exit's divergence means something only when it clearly exceeds its "
-                     "baseline (the same estimator with member labels shuffled within the exit).</p>")
+    parts.append(_table(["exit", "JS divergence", "shuffled-label baseline", "members/non-members", "permutation p"],
+                        [[f"exit {row['exit']}", row["value"], row["baseline"], row["n"], row["p"]]
+                         for row in _js_rows(results["leakage"])]))
+    parts.append("<p class='muted'>An exit's divergence means something only when it clearly exceeds its baseline "
+                 "(the same estimator with member labels shuffled within the exit); exits with too few members or "
+                 "non-members get none.</p>")
 
     st = results["stealing"]
     parts.append("<h2>Exit stealing from response times</h2>")

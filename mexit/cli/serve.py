@@ -17,11 +17,6 @@ from mexit.errors import ConfigError
 from mexit.runtime.registry import backend_names, backend_spec
 
 
-def check_backend(name: str) -> None:
-    """One line listing the registered backends for an unknown name (before anything is loaded)."""
-    backend_spec(name)
-
-
 def _defense_help() -> str:
     return "Timing defense to apply (default: none). " + "; ".join(describe_defenses().splitlines()) + "."
 
@@ -98,7 +93,7 @@ def command(bundle: Path | None, host: str, port: int, model_name: str | None, e
         watch_parent()
     if (bundle is None) == (factory is None):
         raise ConfigError("give a bundle directory (mexit export writes one)")
-    check_backend(backend)
+    backend_spec(backend)  # an unknown name: one line listing the registered ones, before anything is loaded
     from mexit.runtime.registry import parse_backend_options
 
     own_opts = parse_backend_options(backend, list(backend_opts))

@@ -31,13 +31,14 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from mexit.bundle import Bundle, load_bundle
 from mexit.errors import BackendUnavailableError, BundleError, ConfigError
 from mexit.runtime.registry import get_backend, gpu_index, refuse_gpu_options, register_backend
+from mexit.runtime.types import Backend
 
 try:
     import onnxruntime as ort
@@ -88,23 +89,6 @@ def ort_install_problem(dists: list[str] | None = None) -> str | None:
     if "onnxruntime-gpu" not in dists:
         return f"the installed ONNX Runtime is the CPU build ({', '.join(dists) or 'none found'})"
     return None
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """What the chained runtime needs from an execution backend (see the module docstring)."""
-
-    name: str
-    thread_safe: bool
-    max_batch: int | None
-
-    def run_stage(self, k: int, inputs: Any) -> tuple[Any | None, np.ndarray]: ...
-
-    def take(self, features: Any, idx: np.ndarray) -> Any: ...
-
-    def full(self, x: np.ndarray) -> np.ndarray: ...
-
-    def close(self) -> None: ...
 
 
 def session_options(*, threads: int = 1, spinning: bool = False) -> ort.SessionOptions:

@@ -35,10 +35,9 @@ import numpy as np
 
 from mexit.bundle import Bundle, Manifest, load_bundle
 from mexit.errors import ConfigError, InputError
-from mexit.runtime.backends import Backend
 from mexit.runtime.policy import ExitPolicy, shifted_exp, softmax
 from mexit.runtime.registry import get_backend
-from mexit.runtime.types import FixedShape, Prediction
+from mexit.runtime.types import Backend, FixedShape, Prediction
 
 
 def validate_inputs(x: Any, input_shape: tuple[int, ...], kind: str) -> np.ndarray:

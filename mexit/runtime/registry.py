@@ -36,7 +36,7 @@ from mexit.errors import ConfigError
 
 if TYPE_CHECKING:
     from mexit.bundle import Bundle
-    from mexit.runtime.backends import Backend
+    from mexit.runtime.types import Backend
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def register_backend(name: str, *, description: str, extra: str | None = None) -
     """Class decorator: make ``cls`` available as backend ``name``.
 
     The class must take ``(bundle, *, threads, device, fp16, **its own keyword-only options)`` and
-    implement :class:`mexit.runtime.backends.Backend`.
+    implement :class:`mexit.runtime.types.Backend`.
     """
 
     def deco(cls: type) -> type:

@@ -6,7 +6,7 @@ Kept free of onnxruntime and torch so that anything can import them cheaply.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -69,3 +69,20 @@ class FixedShape:
     @property
     def num_exits(self) -> int:
         return self._num_exits
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the chained runtime needs from an execution backend (see the module docstring)."""
+
+    name: str
+    thread_safe: bool
+    max_batch: int | None
+
+    def run_stage(self, k: int, inputs: Any) -> tuple[Any | None, np.ndarray]: ...
+
+    def take(self, features: Any, idx: np.ndarray) -> Any: ...
+
+    def full(self, x: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None: ...

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mexit.audit.sweep import _local_map, _ray_map, plan_sweep, run_sweep
+from mexit.audit.executors import _local_map, _ray_map
+from mexit.audit.sweep import plan_sweep, run_sweep
 from mexit.errors import BackendUnavailableError, ConfigError
 from tests.audit import _sweep_tasks
 from tests.audit._tiny import TINY, TRAINED_PREFIXES, toml_of
