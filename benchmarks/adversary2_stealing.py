@@ -40,6 +40,7 @@ import numpy as np
 
 from mexit._io import atomic_write_json, provenance
 from mexit.attacks.collect import Adaptive, Deployment, collect_interleaved, collect_signals
+from mexit.attacks.query_bound import repeated_query_bound
 from mexit.attacks.signals import Signals
 from mexit.attacks.stealing import describe_jitter, fit_timing_model, steal_exits
 from mexit.runtime import EarlyExitRuntime
@@ -112,8 +113,10 @@ def analyse_fixed(kind: str, shadow: Signals, target: Signals, args: argparse.Na
     return out
 
 
-def run_kind(kind: str, args: argparse.Namespace, pools: dict[str, tuple], runtimes: dict[str, EarlyExitRuntime]
-             ) -> dict[str, Any]:
+def run_kind(kind: str, args: argparse.Namespace, pools: dict[str, tuple], runtimes: dict[str, EarlyExitRuntime],
+             keep: list[Signals] | None = None) -> dict[str, Any]:
+    """Record one deployment kind (fixed repeats, then adaptive per budget); ``keep`` receives the fixed target
+    recording."""
     num_exits = runtimes["target"].num_exits
     with servers(kind, args.target_bundle, args, args.seed) as ts, servers(kind, args.shadow_bundle, args,
                                                                             args.seed + 1) as ss, \
@@ -125,6 +128,8 @@ def run_kind(kind: str, args: argparse.Namespace, pools: dict[str, tuple], runti
         sig = collect_interleaved(deps, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                                   progress=args.progress)
         shadow, target = sig["shadow"], sig["target"]
+        if keep is not None:
+            keep.append(target)
         collect_s = round(time.perf_counter() - t0, 1)
         if args.save_signals:
             for role, s in sig.items():
@@ -151,6 +156,26 @@ def run_kind(kind: str, args: argparse.Namespace, pools: dict[str, tuple], runti
                      row["mean_queries"], row["chosen"], row["stealers"]["chosen"]["balanced_accuracy"],
                      row["stealers"]["likelihood"]["balanced_accuracy"])
     return out
+
+
+def jittery_bound(plain_target: Signals, args: argparse.Namespace) -> dict[str, Any]:
+    """The Bayes-optimal stealer's balanced accuracy behind the jitter, at each fixed query count.
+
+    Clean times: the plain server's target recording per true exit (the stack adds its delay on top of exactly
+    that); noise: a million draws of the jitter model the jittery deployment used. At a budget ``B`` a fixed-``B``
+    stealer is held to the value at ``B``; an adaptive one (mean ``B``, at most ``4B`` per sample) only to the
+    value at ``4B``, which bounds every strategy that never asks more than ``4B`` (:mod:`mexit.attacks.query_bound`).
+    """
+    from mexit.serve.jitter import JitterModel
+
+    lat = np.asarray(plain_target.latency_ns, dtype=np.float64) / 1e9
+    clean = [lat[plain_target.true_exit == k].ravel() for k in range(plain_target.num_exits)]
+    clean = [c[np.isfinite(c)] for c in clean]
+    noise = JitterModel(args.overhead_ms, args.jitter_sigma, args.spike_p, args.spike_ms, seed=args.seed + 99
+                        ).draw(1_000_000)
+    counts = sorted({1, args.repeats, *[int(b) for b in args.budgets], *[int(4 * b) for b in args.budgets]})
+    return {"clean_from": "plain target recording (fixed repeats), per true exit", "noise_draws": 1_000_000,
+            **repeated_query_bound(clean, noise, counts, seed=args.seed)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -197,7 +222,11 @@ def main(argv: list[str] | None = None) -> None:
         kinds = {kind: analyse_fixed(kind, Signals.load(args.from_signals / f"{kind}_shadow.npz"),
                                      Signals.load(args.from_signals / f"{kind}_target.npz"), args)
                  for kind in args.kinds.split(",")}
+        extra = {}
+        if {"plain", "jittery"} <= set(kinds):  # the jitter parameters are this run's arguments
+            extra["jittery_bayes_bound"] = jittery_bound(Signals.load(args.from_signals / "plain_target.npz"), args)
         atomic_write_json(args.out, {"from_signals": str(args.from_signals), "budgets": args.budgets, "kinds": kinds,
+                                     **extra,
                                      "elapsed_s": round(time.perf_counter() - started, 1),
                                      "provenance": provenance(benchmark="adversary2_stealing")})
         print(json.dumps({k: {"chosen": r["fixed"]["chosen"], **{n: round(v["balanced_accuracy"], 3) for n, v in
@@ -218,11 +247,16 @@ def main(argv: list[str] | None = None) -> None:
                    "spike_ms": args.spike_ms},
         "kinds": {},
     }
+    plain_target: list[Signals] = []
     for kind in args.kinds.split(","):
-        result["kinds"][kind] = run_kind(kind, args, pools, runtimes)
+        result["kinds"][kind] = run_kind(kind, args, pools, runtimes, keep=plain_target if kind == "plain" else None)
+    if plain_target and "jittery" in result["kinds"]:
+        result["jittery_bayes_bound"] = jittery_bound(plain_target[0], args)
+        log.info("Bayes bound behind the jitter: %s", {n: round(v["balanced_accuracy"], 3) for n, v in
+                                                       result["jittery_bayes_bound"]["by_queries"].items()})
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["machine"] = {"cpu_count": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2),
-                         "note": "shared 2-core VM, loaded by other jobs while this ran"}
+                         "note": "shared 2-core VM; the 1-min load average at the end of the run"}
     result["provenance"] = provenance(benchmark="adversary2_stealing")
     atomic_write_json(args.out, result)
     summary = {}

@@ -227,6 +227,80 @@ def label_only(epochs: int, seeds: list[int], out: Path) -> None:
         atomic_write_json(out, records)
 
 
+ADV3_TAU = 0.9  # as for claims 4-5: at the paper-rule τ every sample leaves at exit 0 and there is no exit to steal
+ADV3_ATTACKS = ["score", "score-hybrid", "loss", "loss-hybrid", "confidence", "confidence-hybrid", "exit-only"]
+
+
+def adversary3(epochs: int, seeds: list[int], threads: int, samples: int, out: Path) -> None:
+    """Adversaries 1-3 on the 6-exit model at τ = 0.9, adversary 3's shadow trained on *other data*.
+
+    Paper Sec. 4.3 / Fig. 18 ("when the shadow dataset is distributed differently from the target dataset",
+    line 370). With Location alone, "other data" is a label shift: the shadow is trained on a subset of the
+    shadow parts in which half of the classes keep a quarter of their samples (``--subset class-skewed``), so
+    its class prior differs from the target's stratified one (the total-variation distance is recorded). The
+    exits of adversaries 2 and 3 are stolen from in-process response times (adaptive querying, mean budget 3
+    per target sample); their hybrids are fitted on cross-fitted *stolen* shadow exits. One ``mexit attack``
+    flow per seed (``flow.attack_deployments``).
+    """
+    from mexit.attacks.flow import attack_deployments
+    from mexit.train.runner import load_run, make_config, train_run
+
+    records = json.loads(out.read_text()) if out.exists() else {"epochs": epochs, "tau": ADV3_TAU, "per_seed": []}
+    done = {r["seed"] for r in records["per_seed"]}
+    for seed in seeds:
+        if seed in done:
+            continue
+        s3_dir = run_dir(epochs, seed, 6, "shadow").with_name(f"{ARCH}-x6-shadow-skewed")
+        t0 = time.perf_counter()
+        train_run(make_config(dataset="location", data_root=DATA, arch=ARCH, exits=6, epochs=epochs, seed=seed,
+                              role="shadow", subset="class-skewed", threads=threads), s3_dir, progress=False)
+        logging.info("seed %d: class-skewed shadow trained in %.0f s", seed, time.perf_counter() - t0)
+        bdir = ROOT / "bundles" / "repro" / "location" / f"e{epochs}" / f"s{seed}"
+        where = {}
+        for name, rdir in (("target", run_dir(epochs, seed, 6, "target")),
+                           ("shadow", run_dir(epochs, seed, 6, "shadow")), ("shadow3", s3_dir)):
+            where[name] = (rdir, _bundle(load_run(rdir, data_root=DATA), ADV3_TAU, bdir / f"{rdir.name}-t{ADV3_TAU}"))
+        t0 = time.perf_counter()
+        res = attack_deployments(
+            target=str(where["target"][1]), target_run=where["target"][0], shadow=str(where["shadow"][1]),
+            shadow_run=where["shadow"][0], shadow3=str(where["shadow3"][1]), shadow3_run=where["shadow3"][0],
+            out=run_dir(epochs, seed, 6, "target").parent / "attack-adversary3", attacks=ADV3_ATTACKS,
+            adversaries=[1, 2, 3], samples=samples, repeats=5, query_budget=3.0, seed=seed, threads=1,
+            data_root=DATA, progress=False)
+        m3 = load_run(s3_dir, data_root=DATA).metrics
+        records["per_seed"].append({"seed": seed, "label_shift": m3["data"]["label_shift"],
+                                    "shadow3_final_exit": m3["final_exit"], "shadow3_train": m3["split_sizes"]["train"],
+                                    "adversaries": res["adversaries"], "exit_stealing": res["exit_stealing"],
+                                    "plan": res["plan"], "samples": res["samples"]})
+        logging.info("seed %d: adversaries 1-3 in %.0f s", seed, time.perf_counter() - t0)
+        records["per_seed"].sort(key=lambda r: r["seed"])
+        records["provenance"] = provenance()
+        atomic_write_json(out, records)
+
+
+def adversary3_table(path: Path) -> str:
+    """Markdown: per adversary, best original vs best hybrid AUC and the paired difference, mean ± sd over seeds."""
+    r = json.loads(path.read_text())
+    rows = ["| adversary | exits from | exit accuracy | best original AUC | best hybrid AUC | hybrid − original "
+            "(paired, per seed) |", "|---|---|---|---|---|---|"]
+    for adv in ("1", "2", "3"):
+        per = [s["adversaries"][adv] for s in r["per_seed"] if adv in s["adversaries"]]
+        if not per:
+            continue
+        diffs = [p["pairs"] for p in per]
+        best = [(p["best_original"]["auc"], p["best_hybrid"]["auc"]) for p in per]
+        pair_cells = "<br>".join(
+            f"seed {s['seed']}: " + ", ".join(
+                f"{d['hybrid']} {d['paired']['auc']['difference']:+.3f} [{d['paired']['auc']['ci'][0]:+.3f}, "
+                f"{d['paired']['auc']['ci'][1]:+.3f}]" for d in seed_pairs if "paired" in d)
+            for s, seed_pairs in zip(r["per_seed"], diffs, strict=False))
+        rows.append(f"| {adv} | {per[0]['exit_source']} | {_ms([p['exit_accuracy'] for p in per])} | "
+                    f"{_ms([b[0] for b in best])} | {_ms([b[1] for b in best])} | {pair_cells} |")
+    shift = _ms([s["label_shift"] for s in r["per_seed"]])
+    return "\n".join(rows) + ("\n\nLabel shift of adversary 3's training data vs the target's (total variation): "
+                              f"{shift}\n")
+
+
 def _ms(values: list[float], fmt: str = ".3f") -> str:
     """``mean ± sd`` over seeds (sample sd, ddof=1), or the single value."""
     v = np.asarray([x for x in values if x is not None], dtype=float)
@@ -362,12 +436,13 @@ def figures(path: Path) -> None:
 def main() -> None:
     global DATA
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["train", "evaluate", "table", "label-only"])
+    parser.add_argument("phase", choices=["train", "evaluate", "table", "label-only", "adversary3"])
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--exits", type=int, nargs="+", default=[1, 6, 4])
     parser.add_argument("--role", choices=["target", "shadow"], nargs="+", default=["target", "shadow"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=300, help="adversary3: members (and non-members) queried")
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--data-root", type=Path, default=None, help=f"Location data (default {DATA})")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/"
@@ -378,6 +453,12 @@ def main() -> None:
         DATA = args.data_root
     if args.phase == "train":
         train(args.epochs, args.seeds, args.exits, args.role, args.threads)
+    elif args.phase == "adversary3":
+        out = args.out or ROOT / "benchmarks" / "results" / f"reproduce_location_e{args.epochs}_adversary3.json"
+        adversary3(args.epochs, args.seeds, args.threads, args.samples, out)
+        md = adversary3_table(out)
+        atomic_write_bytes(out.with_suffix(".md"), md.encode())
+        print(md)
     elif args.phase == "label-only":
         out = args.out or ROOT / "benchmarks" / "results" / f"reproduce_location_e{args.epochs}_label_only.json"
         label_only(args.epochs, args.seeds, out)

@@ -14,6 +14,13 @@ Measures, all in one run so that machine drift affects every side alike:
 * realised early-exit speed-up at batch 1 on the test split: mean latency of the single full-depth
   graph over mean latency of ``predict`` (natural per-sample exits), against the speed-up predicted by
   FLOPs (full-depth FLOPs over the mean runtime FLOPs of the exits actually taken);
+* the same realised speed-up against the runtime's *own* full-depth path (``predict(x, full_depth=True)``: the
+  same Python wrapper, early exit switched off), and against a *latency* prediction (full-depth latency over
+  the mean of the forced per-exit latencies of the exits taken): FLOPs mispredict batch-1 latency where a
+  layer is memory-bound (the heads' matrix-vector products), the latency prediction does not;
+* what the internal heads cost: each internal stage graph timed at batch 1 with and without its head and
+  exit decision (the backbone-only graph cut out with ``onnx.utils.Extractor``), next to the heads' share of
+  the FLOPs;
 * batch-64 and batch-256 throughput with per-sample exits vs the full-depth graph, against the FLOPs
   prediction.
 
@@ -123,8 +130,51 @@ def per_exit_latency(rt: EarlyExitRuntime, x1: np.ndarray, fused: ort.InferenceS
     }
 
 
+def head_cost_split(bundle_dir: Path, x1: np.ndarray, opts: ort.SessionOptions, rounds: int,
+                    rng: np.random.Generator) -> dict:
+    """Batch-1 latency of each internal stage with and without its head (and folded exit decision).
+
+    The backbone-only graph is the stage cut at its feature output; both run on the real feature map the
+    previous stage produced, interleaved in random order. The FLOPs shares come from the manifest:
+    ``runtime_flops[k] - cumulative_flops[k]`` is the FLOPs of the heads passed before exit ``k``.
+    """
+    from onnx.utils import Extractor
+
+    bundle = load_bundle(bundle_dir)
+    exits = bundle.manifest.exits
+    runtime_flops = [e.runtime_flops for e in exits]
+    passed = [e.runtime_flops - e.cumulative_flops for e in exits]  # Σ_{j<k} head_j
+    head_flops = [passed[k + 1] - passed[k] for k in range(len(exits) - 1)]
+    rows, h = [], x1
+    for k, e in enumerate(exits[:-1]):
+        model = onnx.load(str(bundle.stage_path(k)))
+        backbone = Extractor(model).extract_model([e.input_name], [e.feature_output])
+        with_head = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        without = ort.InferenceSession(backbone.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        feed = {e.input_name: h}
+        for _ in range(20):
+            with_head.run(None, feed)
+            without.run(None, feed)
+        t = {"with_head": [], "backbone_only": []}
+        for _ in range(rounds):
+            for name in rng.permutation(list(t)):
+                sess = with_head if name == "with_head" else without
+                t0 = time.perf_counter_ns()
+                sess.run(None, feed)
+                t[name].append(time.perf_counter_ns() - t0)
+        med = {n: float(np.median(v)) / 1e3 for n, v in t.items()}
+        rows.append({"stage": k, "with_head_us": med["with_head"], "backbone_only_us": med["backbone_only"],
+                     "head_us": med["with_head"] - med["backbone_only"], "head_flops": head_flops[k]})
+        h = without.run([e.feature_output], feed)[0]
+    head_us = sum(r["head_us"] for r in rows)
+    stage_us = sum(r["with_head_us"] for r in rows)
+    return {"stages": rows, "internal_heads_us": head_us,
+            "internal_heads_latency_share_of_internal_stages": head_us / stage_us if stage_us else None,
+            "internal_heads_flops_share_of_full_path": sum(head_flops) / runtime_flops[-1]}
+
+
 def realised_speedup(rt: EarlyExitRuntime, x: np.ndarray, full: ort.InferenceSession, repeats: int,
-                     rng: np.random.Generator) -> dict:
+                     rng: np.random.Generator, forced_us: list[float] | None = None) -> dict:
     """Mean batch-1 latency over the test set: full-depth graph vs early exit; FLOPs prediction.
 
     Two orders, both reported: per sample alternating the two models (``realised_speedup``) and in blocks
@@ -160,23 +210,35 @@ def realised_speedup(rt: EarlyExitRuntime, x: np.ndarray, full: ort.InferenceSes
     # Blocked: every sample through one model, then every sample through the other (order alternating per
     # repeat). A deployment serves one model in steady state; alternating models per sample (above) lets the
     # second call of each pair run on weights the first left in cache, which favours neither side evenly.
-    b_ee, b_full = [], []
-    for r in range(repeats):
+    b_ee, b_full, b_rt_full = [], [], []
+    for _ in range(repeats):
         order = rng.permutation(len(x))
-        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+        for which in rng.permutation(3):
             t0 = time.perf_counter_ns()
             for i in order:
                 if which == 0:
                     rt.predict(x[i : i + 1])
-                else:
+                elif which == 1:
                     full.run(None, {in_name: x[i : i + 1]})
-            (b_ee if which == 0 else b_full).append((time.perf_counter_ns() - t0) / len(x))
+                else:
+                    rt.predict(x[i : i + 1], full_depth=True)
+            (b_ee, b_full, b_rt_full)[which].append((time.perf_counter_ns() - t0) / len(x))
     blocked = statistics.median(b_full) / statistics.median(b_ee)
+    same_wrapper = statistics.median(b_rt_full) / statistics.median(b_ee)
+    latency_model = None
+    if forced_us is not None:  # what the per-exit latencies allow: full-depth graph over the forced exits' mean
+        predicted_lat = statistics.median(b_full) / 1e3 / float(np.mean(np.asarray(forced_us)[exits]))
+        latency_model = {"predicted_speedup_from_forced_exit_latencies": predicted_lat,
+                         "realised_over_latency_predicted": blocked / predicted_lat}
     return {
         "samples": len(x),
         "blocked": {"mean_latency_early_exit_us": statistics.median(b_ee) / 1e3,
                     "mean_latency_full_graph_us": statistics.median(b_full) / 1e3,
-                    "realised_speedup": blocked, "realised_over_predicted": blocked / predicted},
+                    "mean_latency_runtime_full_depth_us": statistics.median(b_rt_full) / 1e3,
+                    "realised_speedup": blocked, "realised_over_predicted": blocked / predicted,
+                    "realised_speedup_same_wrapper": same_wrapper,
+                    "realised_over_predicted_same_wrapper": same_wrapper / predicted,
+                    "latency_model": latency_model},
         "exit_shares": (np.bincount(exits, minlength=rt.num_exits) / len(x)).tolist(),
         "mean_latency_early_exit_us": statistics.median(t_ee) / 1e3,
         "mean_latency_full_graph_us": statistics.median(t_full) / 1e3,
@@ -272,17 +334,20 @@ def main() -> None:
                                            bundle_dir, threshold=args.threshold, threads=args.threads,
                                            single_graph=False, fold_decision=False),
                                    }),
-        "realised_speedup_batch1": realised_speedup(rt, x, full, args.repeats, rng),
-        "throughput": [batched_throughput(rt, x, full, b, args.repeats * 2) for b in (64, 256)],
+        "internal_heads_batch1": head_cost_split(bundle_dir, x[:1], opts, args.rounds, rng),
         "samples_from": args.samples_from,
         "provenance": provenance(seed=args.seed),
     }
+    forced = [record["batch1"]["latency"][f"exit{k}"]["median_us"] for k in range(rt.num_exits)]
+    record["realised_speedup_batch1"] = realised_speedup(rt, x, full, args.repeats, rng, forced_us=forced)
+    record["throughput"] = [batched_throughput(rt, x, full, b, args.repeats * 2) for b in (64, 256)]
     record["load_average_1_5_15"] = {"before": list(load_before), "after": list(os.getloadavg()),
                                      "cpus": os.cpu_count()}
     name = f"runtime_latency_{record['dataset']}_{record['arch']}_x{record['num_exits']}.json"
     out = args.out or Path(__file__).parent / "results" / name
     atomic_write_json(out, record)
-    print(json.dumps({k: record[k] for k in ("arch", "dataset", "batch1", "realised_speedup_batch1", "throughput")},
+    print(json.dumps({k: record[k] for k in ("arch", "dataset", "batch1", "internal_heads_batch1",
+                                             "realised_speedup_batch1", "throughput")},
                      indent=1))
     print(f"written to {out}")
 

@@ -26,6 +26,10 @@ import click
               help="Train on the target or the shadow split.")
 @click.option("--limit", type=int, default=None,
               help="Use at most this many samples per split (quick runs on CPU).")
+@click.option("--subset", type=click.Choice(["all", "class-skewed"]), default="all", show_default=True,
+              help="'class-skewed': train on a subset of the role's split with a skewed class prior (half of "
+              "the classes keep a quarter of their samples), so a shadow's data are distributed differently "
+              "from the target's (adversary 3 with other data, paper Fig. 18).")
 @click.option("--tolerance", type=float, default=0.01, show_default=True,
               help="Accuracy drop allowed when searching the early-exit threshold.")
 @click.option("--tau-rule", type=click.Choice(["vanilla", "final-exit"]), default=None,

@@ -105,6 +105,51 @@ class Splits:
         return splits
 
 
+ROLE_PARTS = {"target": ("target_train", "target_val", "target_test"),
+              "shadow": ("shadow_train", "shadow_val", "shadow_test")}
+
+
+SKEW_KEEP = 0.25  # share of each down-weighted class a class-skewed part keeps
+
+
+def class_skewed(splits: Splits, labels: np.ndarray, role: str) -> Splits:
+    """``splits`` with ``role``'s three parts resampled to a skewed class prior.
+
+    Adversary 3 of the paper (Sec. 4.3, Fig. 18) trains its shadow on data *distributed differently* from the
+    target's. With one dataset, the honest way to get that is a label shift: half of the classes (drawn with the
+    partition's seed) keep all their samples in the role's parts, the other half keep a quarter (at least one),
+    so the shadow's class prior moves by a total-variation distance of about 0.3 from the target's stratified
+    one (:func:`label_shift` measures it). A class-*balanced* cap would move Location's prior by only ~0.07-0.10:
+    its classes are nearly balanced already. The other role's parts are untouched and the result is a subset of
+    the partition, so :func:`check_disjoint` still holds; the same partition always gives the same subset.
+    """
+    if role not in ROLE_PARTS:
+        raise ConfigError(f"unknown role {role!r}; use one of {', '.join(ROLE_PARTS)}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([splits.seed, 0x5CE])
+    classes = np.unique(labels)
+    light = set(rng.permutation(classes)[: len(classes) // 2].tolist())
+    parts = splits.as_dict()
+    for name in ROLE_PARTS[role]:
+        idx = parts[name]
+        keep = []
+        for c in np.unique(labels[idx]):
+            members = rng.permutation(idx[labels[idx] == c])
+            keep.append(members[: max(1, int(np.ceil(SKEW_KEEP * len(members))))] if c in light else members)
+        if keep:
+            parts[name] = rng.permutation(np.concatenate(keep))
+    return Splits(**parts, seed=splits.seed)
+
+
+def label_shift(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """Total-variation distance between the class distributions of index sets ``a`` and ``b`` (0: same prior)."""
+    labels = np.asarray(labels)
+    k = int(labels.max()) + 1 if len(labels) else 0
+    pa = np.bincount(labels[a], minlength=k) / max(len(a), 1)
+    pb = np.bincount(labels[b], minlength=k) / max(len(b), 1)
+    return float(0.5 * np.abs(pa - pb).sum())
+
+
 def make_splits(
     labels: np.ndarray, *, seed: int, val_fraction: float = 0.1, max_per_split: int | None = None
 ) -> Splits:

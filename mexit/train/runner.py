@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from mexit._io import atomic_path, atomic_write_json, provenance
 from mexit.data import Dataset, Splits, dataset_names, load_dataset, make_splits
+from mexit.data.splits import class_skewed, label_shift
 from mexit.errors import ConfigError, UserError
 from mexit.train.multiexit import MAX_EXITS, MultiExitNet
 from mexit.train.threshold import TAU_RULES, ThresholdSearch, choose_threshold, deployed_accuracy, search_threshold
@@ -70,6 +71,9 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0)
     role: Literal["target", "shadow"] = "target"
     limit: int | None = Field(None, ge=8)
+    # "class-skewed": train (and query) on a subset of the role's parts with a skewed class prior, a shadow whose data
+    # are distributed differently from the target's (adversary 3 with other data, paper Fig. 18).
+    subset: Literal["all", "class-skewed"] = "all"
     tolerance: float = Field(0.01, ge=0, le=1)
     threads: int | None = Field(None, ge=1, le=512)
 
@@ -98,6 +102,8 @@ class TrainConfig(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The fields that define the result (threads and data location do not)."""
         data = self.model_dump(mode="json", exclude={"threads", "data_root"})
+        if data["subset"] == "all":  # runs from before the option keep their identity
+            del data["subset"]
         data["epochs"], data["lr"] = self.resolved_epochs, self.resolved_lr
         return data
 
@@ -179,6 +185,15 @@ def _load_or_make_splits(path: Path, dataset: Dataset, config: TrainConfig) -> S
     if path.exists():
         return Splits.load(path)
     splits = make_splits(dataset.y, seed=config.seed, max_per_split=config.limit)
+    if config.subset == "class-skewed":
+        full = splits
+        splits = class_skewed(splits, dataset.y, config.role)
+        train_part = "target_train" if config.role == "target" else "shadow_train"
+        other = "shadow_train" if config.role == "target" else "target_train"
+        log.info("class-skewed %s data: %d of %d training samples; label shift vs the %s's (total variation) "
+                 "%.3f, was %.3f", config.role, len(getattr(splits, train_part)), len(getattr(full, train_part)),
+                 other.split("_")[0], label_shift(dataset.y, getattr(splits, train_part), getattr(full, other)),
+                 label_shift(dataset.y, getattr(full, train_part), getattr(full, other)))
     splits.save(path)
     return splits
 
@@ -319,6 +334,9 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, progress: bool = True
                            vanilla_accuracy=vanilla_acc)
     metrics["history"] = history
     metrics["init_seed"] = init_seed
+    # how far this role's class prior is from the other role's (total variation; ~0 for the stratified parts)
+    other_train = splits.target_train if config.role == "shadow" else splits.shadow_train
+    metrics["data"] = {"subset": config.subset, "label_shift": label_shift(dataset.y, train_idx, other_train)}
     metrics["provenance"] = provenance(seed=config.seed, config=config.identity())
     with atomic_path(out_dir / "model.pt") as tmp:
         torch.save({"model": model.state_dict(), "config": config.model_dump(mode="json")}, tmp)

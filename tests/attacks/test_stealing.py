@@ -425,3 +425,20 @@ def test_constant_time_shadow_is_not_informative() -> None:
     assert not model.informative()
     shadow, ex = synthetic(n=300, seed=42)
     assert ExitTimingModel.fit(shadow, ex, 6).informative()
+
+
+def test_selection_score_does_not_let_one_rare_shadow_sample_decide():
+    """A stealer missing the only shadow sample of a rare exit loses 1/K of raw balanced accuracy; the
+    selection score shrinks that exit's recall towards the overall accuracy, so it loses far less."""
+    from mexit.attacks.stealing import _balanced, _selection_score
+
+    y = np.r_[np.zeros(60, int), np.ones(60, int), 2]
+    miss_rare = y.copy()
+    miss_rare[-1] = 1
+    assert _balanced(y, miss_rare) == pytest.approx(2 / 3)
+    assert _selection_score(y, miss_rare) > 0.85
+    miss_common = y.copy()
+    miss_common[60:84] = 0  # 24 of 60 exit-1 samples wrong: a real weakness on a common exit
+    assert _selection_score(y, miss_common) < _selection_score(y, miss_rare)
+    assert _selection_score(y, y) == 1.0 and _selection_score(y, y, prior=0) == _balanced(y, y)
+    assert _selection_score(y, miss_rare, prior=0) == pytest.approx(_balanced(y, miss_rare))

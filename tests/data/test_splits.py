@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mexit.data import PARTS, Splits, make_splits
-from mexit.data.splits import MIN_VAL_PER_SPLIT
+from mexit.data.splits import MIN_VAL_PER_SPLIT, check_disjoint, class_skewed, label_shift
 from mexit.errors import ConfigError, DataError
 from tests.data._factories import SHARED_DATA
 
@@ -185,3 +185,27 @@ def test_check_disjoint_accepts_one_partition_and_names_an_overlap():
         check_disjoint(a, a, shadow_role="target")  # a run attacked with itself as shadow
     with pytest.raises(ConfigError, match="role"):
         check_disjoint(a, a, shadow_role="attacker")
+
+
+def test_class_skewed_moves_one_roles_class_prior_and_stays_a_subset():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(8, size=4000)
+    full = make_splits(labels, seed=4)
+    shifted = class_skewed(full, labels, "shadow")
+    for part in ("target_train", "target_val", "target_test"):  # the other role is untouched
+        assert np.array_equal(getattr(shifted, part), getattr(full, part))
+    for part in ("shadow_train", "shadow_test"):
+        sub, whole = getattr(shifted, part), getattr(full, part)
+        assert set(sub) <= set(whole) and len(sub) < len(whole)
+        kept = np.bincount(labels[sub], minlength=8) / np.bincount(labels[whole], minlength=8)
+        assert np.sum(kept == 1.0) == 4 and np.all(kept[kept < 1] < 0.3)  # half whole, half about a quarter
+    assert label_shift(labels, full.shadow_train, full.target_train) < 0.03  # stratified parts: same prior
+    assert label_shift(labels, shifted.shadow_train, full.target_train) > 0.25  # the shadow's prior moved
+    check_disjoint(full, shifted)  # still the same partition's parts
+    assert class_skewed(full, labels, "shadow") == shifted  # seeded by the partition
+
+
+def test_class_skewed_needs_a_known_role():
+    labels = np.arange(200) % 4
+    with pytest.raises(ConfigError, match="unknown role"):
+        class_skewed(make_splits(labels, seed=0), labels, "attacker")

@@ -178,3 +178,18 @@ def test_vanilla_tau_rule(tmp_path, finished_run):
         assert th["flops_fraction"] == min(p["flops_fraction"] for p in eligible)
     back = runner.rechoose_threshold(out, rule="final-exit")
     assert back["threshold"]["tau"] == metrics["threshold"]["tau"]
+
+
+def test_class_skewed_shadow_trains_on_a_recorded_subset(tmp_path, finished_run):
+    """Adversary 3's other-data shadow: its run's splits are the subset it trained on, disjoint from the target's."""
+    from mexit.data.splits import check_disjoint
+
+    cfg = {**FAST, "epochs": 1, "role": "shadow", "subset": "class-skewed"}
+    m = train_run(make_config(**cfg), tmp_path / "s", progress=False)
+    shadow, target = load_run(tmp_path / "s"), load_run(finished_run[0])
+    assert m["data"]["subset"] == "class-skewed" and m["split_sizes"]["train"] == len(shadow.splits.shadow_train)
+    assert len(shadow.splits.shadow_train) < len(target.splits.shadow_train) and m["data"]["label_shift"] > 0.1
+    assert set(shadow.splits.shadow_train) <= set(target.splits.shadow_train)
+    check_disjoint(target.splits, shadow.splits)
+    assert "subset" not in make_config(**FAST).identity()  # runs from before the option keep their digest
+    assert make_config(**cfg).digest() != make_config(**{**cfg, "subset": "all"}).digest()
