@@ -45,4 +45,5 @@ for ex in 1 6; do
     --shadow $BUNDLES/resnet56-x$ex-shadow-t$TAU --shadow-run $RUNS/resnet56-x$ex-shadow \
     --samples 300 --repeats 3 --attacks $attacks "${adv3[@]}" --out $RUNS/attack-x$ex-t$TAU 2>/dev/null | tail -1
 done
-python benchmarks/tabulate_attacks.py $RUNS/attack-x{1,6}-t$TAU --out benchmarks/results/reproduce_cifar10-e$EPOCHS-n$LIMIT
+python benchmarks/tabulate_attacks.py $RUNS/attack-x{1,6}-t$TAU \
+  --out benchmarks/results/reproduce_cifar10-e$EPOCHS-n$LIMIT$( [ "$TAU" = paper ] || echo "-t$TAU" )

@@ -279,26 +279,32 @@ def adversary3(epochs: int, seeds: list[int], threads: int, samples: int, out: P
 
 
 def adversary3_table(path: Path) -> str:
-    """Markdown: per adversary, best original vs best hybrid AUC and the paired difference, mean ± sd over seeds."""
+    """Markdown: per adversary, exit accuracy, best original vs best hybrid AUC, and per hybrid/original pair the
+    paired AUC difference (mean ± sd over seeds) with how many seeds' paired intervals lie above / below 0."""
     r = json.loads(path.read_text())
-    rows = ["| adversary | exits from | exit accuracy | best original AUC | best hybrid AUC | hybrid − original "
-            "(paired, per seed) |", "|---|---|---|---|---|---|"]
+    seeds = r["per_seed"]
+    pair_names = [p["hybrid"] for p in seeds[0]["adversaries"]["1"]["pairs"]]
+    head = " | ".join(f"{n} − original" for n in pair_names)
+    rows = [f"| adversary | exits from | exit accuracy | best original AUC | best hybrid AUC | {head} |",
+            "|---|---|---|---|---|" + "---|" * len(pair_names)]
     for adv in ("1", "2", "3"):
-        per = [s["adversaries"][adv] for s in r["per_seed"] if adv in s["adversaries"]]
+        per = [s["adversaries"][adv] for s in seeds if adv in s["adversaries"]]
         if not per:
             continue
-        diffs = [p["pairs"] for p in per]
-        best = [(p["best_original"]["auc"], p["best_hybrid"]["auc"]) for p in per]
-        pair_cells = "<br>".join(
-            f"seed {s['seed']}: " + ", ".join(
-                f"{d['hybrid']} {d['paired']['auc']['difference']:+.3f} [{d['paired']['auc']['ci'][0]:+.3f}, "
-                f"{d['paired']['auc']['ci'][1]:+.3f}]" for d in seed_pairs if "paired" in d)
-            for s, seed_pairs in zip(r["per_seed"], diffs, strict=False))
-        rows.append(f"| {adv} | {per[0]['exit_source']} | {_ms([p['exit_accuracy'] for p in per])} | "
-                    f"{_ms([b[0] for b in best])} | {_ms([b[1] for b in best])} | {pair_cells} |")
-    shift = _ms([s["label_shift"] for s in r["per_seed"]])
-    return "\n".join(rows) + ("\n\nLabel shift of adversary 3's training data vs the target's (total variation): "
-                              f"{shift}\n")
+        cells = []
+        for name in pair_names:
+            diffs = [next(p for p in a["pairs"] if p["hybrid"] == name)["paired"]["auc"] for a in per]
+            up = sum(d["ci"][0] > 0 for d in diffs)
+            down = sum(d["ci"][1] < 0 for d in diffs)
+            d = np.asarray([x["difference"] for x in diffs])
+            cells.append(f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} (↑{up} ↓{down})")
+        best_o, best_h = _ms([a["best_original"]["auc"] for a in per]), _ms([a["best_hybrid"]["auc"] for a in per])
+        rows.append(f"| {adv} | {per[0]['exit_source']} | {_ms([a['exit_accuracy'] for a in per])} | {best_o} | "
+                    f"{best_h} | " + " | ".join(cells) + " |")
+    shift = _ms([s["label_shift"] for s in seeds])
+    return "\n".join(rows) + (f"\n\nSeeds {', '.join(str(s['seed']) for s in seeds)}; τ = {r['tau']}; ↑/↓: seeds whose "
+                              "paired 95 % interval lies above / below 0. Label shift of adversary 3's training data "
+                              f"vs the target's (total variation): {shift}\n")
 
 
 def _ms(values: list[float], fmt: str = ".3f") -> str:

@@ -272,8 +272,20 @@ def collect_cached(path: Path, client: Any, queries: QuerySet, plan: AttackPlan,
     return signals
 
 
-def adaptive_plan(plan: AttackPlan, shadow: Signals) -> Any:
-    """The adaptive query plan for the target, from the shadow's timings (None when ``plan.query_budget`` is None)."""
+def _pacer(shadow: Side, plan: AttackPlan) -> Callable[[], None] | None:
+    """A shadow pacer for adaptive querying when both deployments are live (``mexit attack``)."""
+    if plan.query_budget is None:
+        return None
+    from mexit.attacks.collect import ShadowPacer
+
+    return ShadowPacer(shadow.client, shadow.queries.x, seed=plan.seed)
+
+
+def adaptive_plan(plan: AttackPlan, shadow: Signals, *, pace: Callable[[], None] | None = None) -> Any:
+    """The adaptive query plan for the target, from the shadow's timings (None when ``plan.query_budget`` is None).
+
+    ``pace``: see :class:`~mexit.attacks.collect.Adaptive` (a :class:`~mexit.attacks.collect.ShadowPacer` on the
+    live shadow deployment keeps the traffic mix of the shadow's recording)."""
     if plan.query_budget is None:
         return None
     from mexit.attacks.collect import Adaptive
@@ -282,7 +294,7 @@ def adaptive_plan(plan: AttackPlan, shadow: Signals) -> Any:
         raise UserError("adaptive querying needs the shadow's timings and exits: collect the shadow first")
     # the collector replays the sequential test on the shadow and logs how many queries the target will need
     model = fit_timing_model(shadow.latency_ns, shadow.true_exit, shadow.num_exits, seed=plan.seed)
-    return Adaptive(model, query_budget=float(plan.query_budget))
+    return Adaptive(model, query_budget=float(plan.query_budget), pace=pace)
 
 
 # ----------------------------------------------------------------------------------------------- steal
@@ -488,7 +500,8 @@ def run_attack_flow(target: Side, shadow: Side, plan: AttackPlan, out: Path, *, 
     calibration = s.meta.get("calibration", {})
     t = collect_cached(out / "signals_target.npz", target.client, target.queries, plan, role="target",
                        owner=target.owner, white_box=target.white_box, calibration=calibration,
-                       num_exits=s.num_exits, adaptive=adaptive_plan(plan, s), references=references,
+                       num_exits=s.num_exits, adaptive=adaptive_plan(plan, s, pace=_pacer(shadow, plan)),
+                       references=references,
                        progress=progress)
     s.check_compatible(t)
     s3 = None
@@ -573,11 +586,25 @@ def attack_deployments(*, target: str, target_run: Path, shadow: str, shadow_run
             _check_disjoint(t_run, s3_run, "shadow3")
         s3_side = side(shadow3, s3_run, shadow3_model, shadow3_bundle, "shadow", seed + 2, "shadow3")
     deployed_acc = {k: t_run.metrics.get(k) for k in ("final_exit", "deployed") if k in t_run.metrics}
+    deployed_acc["deployed"] = deployed_at(t_run.metrics, getattr(t_side.owner, "threshold", None))
     describe = {"target": target, "shadow": shadow, "target_run": str(target_run), "shadow_run": str(shadow_run),
                 "shadow3": shadow3, "shadow3_run": None if shadow3_run is None else str(shadow3_run),
                 "arch": t_run.config.arch, "exits": t_run.config.exits, "dataset": t_run.config.dataset,
                 "accuracy": deployed_acc}
     return run_attack_flow(t_side, s_side, plan, out, shadow3=s3_side, describe=describe, progress=progress)
+
+
+def deployed_at(metrics: dict[str, Any], tau: float | None) -> dict[str, Any] | None:
+    """The training run's deployed accuracy (members, non-members, exit shares) at the τ actually attacked.
+
+    A bundle may be exported at another τ than the run chose (``mexit export --threshold``); the run's
+    ``deployed_curve`` holds every τ of the grid, so the row nearest ``tau`` describes what was attacked.
+    Without a known τ (a URL target without its bundle) the run's own choice is returned, as recorded.
+    """
+    curve = metrics.get("deployed_curve") or []
+    if tau is None or not curve:
+        return metrics.get("deployed")
+    return min(curve, key=lambda row: abs(float(row["tau"]) - float(tau)))
 
 
 def _check_disjoint(target_run: Any, shadow_run: Any, what: str) -> None:

@@ -364,3 +364,38 @@ def test_interleaved_collection_mixes_the_deployments_in_every_round(toy: ToyRun
     switches = sum(a != b for a, b in itertools.pairwise(first_round))
     assert switches > 10  # one shuffled schedule, not one deployment after the other
     assert (shadow_client.asked == 3).all() and (target_client.asked == 3).all()
+
+
+def test_adaptive_querying_paces_every_target_query_with_one_shadow_query(toy: ToyRuntime,
+                                                                           shadow_model: Any) -> None:
+    """The recording's traffic mix: after each target query (warm-up included) one query to the shadow."""
+    from mexit.attacks.collect import ShadowPacer
+
+    model, _ = shadow_model
+    x, y, m = _pool(60, 14)
+    events: list[str] = []
+
+    class Logged(Timed):
+        def infer(self, xb: np.ndarray, outputs: Any = None) -> InferResult:
+            events.append("target")
+            return super().infer(xb, outputs)
+
+    class ShadowClient:
+        calls = 0
+
+        def infer(self, xb: np.ndarray) -> None:
+            events.append("shadow")
+            ShadowClient.calls += 1
+            if ShadowClient.calls % 5 == 0:  # a flaky shadow is counted, never raised
+                raise ServerUnreachableError("down")
+
+    pacer = ShadowPacer(ShadowClient(), x[:7], seed=0)
+    sig = collect_signals(Logged(toy, x, seed=4), x, y, m, warmup=3, progress=False, true_exit_runtime=toy,
+                          adaptive=Adaptive(model, query_budget=4.0, pace=pacer))
+    assert events[0::2] == ["target"] * (len(events) // 2) and events[1::2] == ["shadow"] * (len(events) // 2)
+    info = sig.meta["adaptive"]["paced_with_shadow"]
+    assert info["sent"] == len(events) // 2 and info["failed"] == info["sent"] // 5
+    assert Adaptive(model, query_budget=4.0, pace=pacer).fingerprint() == \
+        Adaptive(model, query_budget=4.0).fingerprint()  # pacing does not change what a resumed run decides
+    with pytest.raises(SignalsError, match="at least one shadow sample"):
+        ShadowPacer(ShadowClient(), x[:0])

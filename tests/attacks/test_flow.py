@@ -146,3 +146,15 @@ def test_a_query_budget_out_of_range_is_one_clear_error(tmp_path, budget):
     with pytest.raises(UserError, match="query budget"):
         run_attack_flow(_side(1, 0), _side(2, 1), plan, tmp_path, progress=False)
     assert not (tmp_path / "signals_target.npz").exists()  # nothing half-written to be mistaken for a result
+
+
+def test_deployed_accuracy_is_read_at_the_attacked_threshold():
+    """A bundle exported at another τ than its run chose: the report's deployed accuracy is the attacked τ's."""
+    from mexit.attacks.flow import deployed_at
+
+    curve = [{"tau": t, "train_accuracy": 1.0 - t / 10, "test_accuracy": 0.5} for t in (0.0, 0.2, 0.9, 1.0)]
+    metrics = {"deployed": curve[1], "deployed_curve": curve}
+    assert deployed_at(metrics, 0.9)["tau"] == 0.9
+    assert deployed_at(metrics, 0.88)["tau"] == 0.9  # the grid's nearest row
+    assert deployed_at(metrics, None) is curve[1]  # a URL target without its bundle: the run's own choice
+    assert deployed_at({"deployed": curve[1]}, 0.9) is curve[1]  # older runs without a curve
