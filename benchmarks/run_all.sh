@@ -9,10 +9,20 @@ python benchmarks/train_throughput.py --out $R/train_throughput.json
 # `mexit audit --out runs/audit-location …` / `runs/audit-cifar10 …` commands).
 python benchmarks/runtime_latency.py --run runs/audit-location/train-target-*/run \
   --bundle runs/audit-location/export-target-*/bundle --out $R/runtime_latency_location_fcn18-1_x6.json
-python benchmarks/runtime_latency.py --run runs/audit-cifar10/train-target-*/run \
-  --bundle runs/audit-cifar10/export-target-*/bundle --threshold 0.6 --out $R/runtime_latency_cifar10_resnet56_x6.json
+# ResNet-56: the CIFAR-10 reproduction's target (bash benchmarks/reproduce_cifar10.sh 50 600 paper 1 vgg16), τ 0.9
+python benchmarks/runtime_latency.py --run runs/cifar10/e50-n600/resnet56-x6-target \
+  --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 \
+  --out $R/runtime_latency_cifar10_resnet56_x6.json
 python benchmarks/serve_overhead.py --bundle bundles/location/fcn18-1-x6-target-t0.9 --out $R/serve_overhead.json
 python benchmarks/serve_load.py --bundle bundles/location/fcn18-1-x6-target-t0.9 --out $R/serve_load.json
 python benchmarks/defense_timeguard.py --out $R/defense_timeguard.json
 python benchmarks/stealing_accuracy.py --bundle bundles/location/fcn18-1-x6-target-t0.9 \
   --run runs/location/fcn18-1-x6-target --out $R/stealing_accuracy_location.json
+# Adversary 2 against plain and jittery stacks (bundles of docs/results.md, "Adversary 2 against real serving
+# stacks"), the hybrids on the saved recording, and claim 8 over three Location audits (docs/reproduction.md).
+python benchmarks/adversary2_stealing.py --target-bundle /tmp/a2/tb --target-run /tmp/a2/t \
+  --shadow-bundle /tmp/a2/sb --shadow-run /tmp/a2/s --kinds plain,jittery --samples 200 --repeats 10 \
+  --budgets 3,5,10,20 --unpaced-budgets 5,20 --save-signals runs/a2-signals --out $R/adversary2_stealing_rec8.json
+python benchmarks/adversary2_hybrid.py --signals runs/a2-signals --out $R/adversary2_hybrid_rec8.json
+python benchmarks/timeguard_claim.py runs/audit-location-s0 runs/audit-location-s1 runs/audit-location-s2 \
+  --out $R/timeguard_claim_location.json
