@@ -70,10 +70,10 @@ def attack_pool(run_dir: Path, role: str, n: int, rng: np.random.Generator, data
     return x, dataset.y[idx].astype(np.int64), np.r_[np.ones(len(members), bool), np.zeros(len(others), bool)], idx
 
 
-def stealing_rows(target: np.ndarray, shadow: Signals, truth: np.ndarray, num_exits: int, seed: int
-                  ) -> dict[str, Any]:
+def stealing_rows(target: np.ndarray, shadow: Signals, truth: np.ndarray, num_exits: int, seed: int, *,
+                  adaptive: bool = False) -> dict[str, Any]:
     """Every stealer on ``target`` timings (fitted on the shadow's), with chance and per-exit recall."""
-    res = steal_exits(target, shadow.latency_ns, shadow.true_exit, num_exits, seed)
+    res = steal_exits(target, shadow.latency_ns, shadow.true_exit, num_exits, seed, adaptive=adaptive)
     used = np.unique(truth)
     rows: dict[str, Any] = {}
     for name, pred in res.stolen.items():
@@ -145,13 +145,13 @@ def run_kind(kind: str, args: argparse.Namespace, pools: dict[str, tuple], runti
         for b, paced in runs:
             t0 = time.perf_counter()
             x, y, member, idx = pools["target"]
-            pacer = ShadowPacer(sc, pools["shadow"][0], seed=args.seed + b) if paced else None
+            pacer = ShadowPacer(sc, pools["shadow"][0], seed=args.seed + b, share=args.pace_share) if paced else None
             adaptive = collect_signals(tc, x, y, member, warmup=args.warmup, seed=args.seed + 10 + b,
                                        sample_index=idx, true_exit_runtime=runtimes["target"], progress=args.progress,
                                        adaptive=Adaptive(model, query_budget=b, confidence=args.confidence,
                                                          offset=not args.no_offset, pace=pacer))
             row = {**adaptive.meta["adaptive"], "collect_s": round(time.perf_counter() - t0, 1),
-                   **stealing_rows(adaptive.latency_ns, shadow, truth, num_exits, args.seed)}
+                   **stealing_rows(adaptive.latency_ns, shadow, truth, num_exits, args.seed, adaptive=True)}
             post = replace(model, offset=tuple(row["offset"] or (0.0, 1.0)))
             pred = post.predict(adaptive.latency_ns)
             row["sequential_model_balanced_accuracy"] = float(np.mean([(pred[truth == k] == k).mean()
@@ -199,6 +199,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=200, help="queried samples per deployment (half members)")
     p.add_argument("--repeats", type=int, default=10, help="fixed queries per sample (default 10)")
     p.add_argument("--budgets", default="4,8,16", help="mean query budgets per sample for adaptive querying")
+    p.add_argument("--pace-share", type=float, default=1.0,
+                   help="paced runs: probability of a shadow query after each target query (default every one)")
     p.add_argument("--unpaced-budgets", default="",
                    help="budgets also run without pacing (no shadow query between target queries), to compare")
     p.add_argument("--confidence", type=float, default=0.95, help="posterior at which a sample stops")
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         "target": {"bundle": str(args.target_bundle), "run": str(args.target_run)},
         "shadow": {"bundle": str(args.shadow_bundle), "run": str(args.shadow_run)},
         "samples_per_deployment": args.samples, "repeats": args.repeats, "budgets": args.budgets,
-        "confidence": args.confidence, "adaptive_offset": not args.no_offset,
+        "confidence": args.confidence, "adaptive_offset": not args.no_offset, "pace_share": args.pace_share,
         "jitter": {"overhead_ms": args.overhead_ms, "sigma": args.jitter_sigma, "spike_p": args.spike_p,
                    "spike_ms": args.spike_ms},
         "kinds": {},

@@ -164,11 +164,11 @@ class Adaptive:
     Fit ``model`` with :func:`~mexit.attacks.stealing.fit_timing_model` on the shadow's fixed-repeat timings;
     :func:`~mexit.attacks.stealing.describe_jitter` says beforehand how many queries the target will need.
 
-    ``pace``: called after every target query (a :class:`ShadowPacer`): one query to the attacker's own
-    shadow deployment, so that the host sees the same mixed traffic as when shadow and target were recorded
-    together. A deployment queried alone answers faster — its weights stay in cache — by 0.15 ms for the
-    Location FCN on the development VM, as much as half an exit gap; without pacing that reads as an offset
-    between shadow and target timings that pure drift estimation gets wrong.
+    ``pace``: called after every target query (a :class:`ShadowPacer`): a query to the attacker's own
+    shadow deployment as often as the recording had one, so that the host sees the same mixed traffic as
+    when shadow and target were recorded together. A deployment queried alone answers faster (its weights
+    stay in cache): unpaced, the jittery Location target looked 0.42 ms faster than its shadow, about two
+    exit gaps, and the offset estimate followed it (``docs/results.md``, rec8).
     """
 
     model: ExitTimingModel
@@ -422,22 +422,31 @@ _RETRYABLE = (ServerUnreachableError, ConnectionError, TimeoutError)
 
 
 class ShadowPacer:
-    """One query to the shadow deployment per call, cycling through its samples in a seeded random order.
+    """After a target query, one query to the shadow deployment (with probability ``share``, default always).
 
-    The attacker owns the shadow, so these queries cost it nothing; their answers are not recorded (the
-    shadow's timings were recorded before, interleaved with the target's first queries). A failed query is
-    counted, never raised: pacing must not stop the target's collection.
+    The attacker owns the shadow, so these queries cost it nothing; their answers are not recorded. Shadow
+    samples are cycled in a seeded random order. A failed query is counted, never raised: pacing must not stop
+    the target's collection. ``share=0.5`` would reproduce the random schedule of :func:`collect_interleaved`
+    more literally (half of the target's queries follow a shadow query there), but on the jittery Location
+    stack it stole worse in both recordings tried (0.59 and 0.73 balanced at budget 20, against 0.90–0.98
+    with ``share=1``; ``docs/results.md``), so every target query is paced by default.
     """
 
-    def __init__(self, client: Any, x: np.ndarray, *, seed: int = 0) -> None:
+    def __init__(self, client: Any, x: np.ndarray, *, seed: int = 0, share: float = 1.0) -> None:
         if not len(x):
             raise SignalsError("a shadow pacer needs at least one shadow sample to send")
-        self.client, self.x = client, x
-        self._order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,))).permutation(len(x))
+        if not 0 < share <= 1:
+            raise SignalsError(f"the pacing share must lie in (0, 1], got {share}")
+        self.client, self.x, self.share = client, x, float(share)
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
+        self._order = rng.permutation(len(x))
+        self._coin = rng
         self.sent = 0
         self.failed = 0
 
     def __call__(self) -> None:
+        if self.share < 1 and self._coin.random() >= self.share:
+            return
         i = int(self._order[self.sent % len(self._order)])
         self.sent += 1
         try:
@@ -544,9 +553,25 @@ def _latencies(state: _Progress) -> np.ndarray:
     return lat
 
 
+def first_decision_round(plan: Adaptive, shadow_plan: dict[str, Any] | None) -> int:
+    """Rounds every sample gets before the offset is estimated and the sequential test may stop a sample.
+
+    ``min_queries`` at least. When the shadow's replay says samples need many queries (a jittery stack), more:
+    half the replay's mean, within half the budget. The offset between shadow and target timings is estimated
+    from these first rounds, and with two queries per sample behind a stack adding σ ≈ 0.4 ms it scattered by
+    75–95 µs (sd; up to 260 µs, a whole exit gap) on two Location recordings, against 20–30 µs with six.
+    """
+    first = plan.min_queries
+    if shadow_plan is not None:
+        want = math.ceil(float(shadow_plan["mean_queries"]) / 2)
+        first = max(first, min(want, math.floor(plan.query_budget / 2)))
+    return int(min(first, plan.width))
+
+
 def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Adaptive, *, warmup: int, seed: int,
                   checkpoint: Path | None, fingerprint: dict[str, Any], opts: _Options) -> None:
-    """Rounds of queries; after ``min_queries`` rounds only the samples whose exit is still uncertain.
+    """Rounds of queries; after the first rounds (:func:`first_decision_round`) only the samples whose exit is
+    still uncertain.
 
     Which samples a round visits depends only on their own recorded timings and on the offset estimated
     once after the first rounds (kept in the checkpoint), so a resumed run makes the same decisions.
@@ -574,6 +599,7 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
                     "(%.3f balanced accuracy, %d of %d undecided after %d); budget %g per sample",
                     shadow_plan["mean_queries"], shadow_plan["balanced_accuracy"], shadow_plan["undecided"],
                     len(model.reference), shadow_plan["recorded_repeats"], plan.query_budget)
+    first = state.extra.setdefault("first_decision_round", first_decision_round(plan, shadow_plan))
     _warm_up(send, n, state, warmup, seed, opts)
     budget = math.floor(plan.query_budget * n)
     bar = tqdm(total=budget, initial=int(state.attempted.sum()), disable=not opts.progress, unit="query",
@@ -581,16 +607,16 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
     saver = _Saver(state, checkpoint, fingerprint, opts.every_s)
     try:
         for r in range(plan.width):
-            if r >= plan.min_queries and not informative:
+            if r >= first and not informative:
                 break
-            if r == plan.min_queries and plan.offset:
+            if r == first and plan.offset:
                 if "offset" not in state.extra:
                     reduce = "min" if model.statistic == "min" else "trimmed"  # the statistic the model judges
                     state.extra["offset"] = list(model.estimate_offset(_latencies(state), reduce=reduce))
                 model.offset = tuple(state.extra["offset"])  # type: ignore[assignment]
             todo = _round_order(seed, r, n)
             todo = todo[~state.attempted[todo, r]]
-            if r >= plan.min_queries:
+            if r >= first:
                 lat = _latencies(state)
                 _, confident = sequential_stop(model, lat[todo], plan.confidence)
                 todo = todo[~confident & state.attempted[todo, r - 1]]  # still uncertain, and asked last round
@@ -599,7 +625,7 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
                     continue
                 break
             for i in todo:
-                if int(state.attempted.sum()) >= budget and r >= plan.min_queries:
+                if int(state.attempted.sum()) >= budget and r >= first:
                     return
                 _ask(send, int(i), r, state, opts)
                 spent = int(state.attempted.sum())
@@ -637,6 +663,7 @@ def _adaptive_report(state: _Progress, plan: Adaptive) -> dict[str, Any]:
             "max_per_sample": plan.width, "mean_queries": float(counts.mean()), "max_queries": int(counts.max()),
             "confident_samples": int(confident.sum()), "offset": state.extra.get("offset"),
             "shadow_plan": state.extra.get("shadow_plan"),
+            "first_decision_round": state.extra.get("first_decision_round"),
             "paced_with_shadow": plan.pace.report() if isinstance(plan.pace, ShadowPacer) else plan.pace is not None,
             "timing_informative": plan.model.informative()}
 

@@ -377,7 +377,8 @@ def steal_exits(target: Signals, shadow: Signals, *, seed: int, stealer: str = "
     if shadow.true_exit is None:
         raise UserError("the shadow's signals hold no exits; collect them with its runtime (owner=...)")
     k = target.num_exits
-    res = run_stealers(target.latency_ns, shadow.latency_ns, shadow.true_exit, k, seed)
+    res = run_stealers(target.latency_ns, shadow.latency_ns, shadow.true_exit, k, seed,
+                       adaptive="adaptive" in target.meta)
     stolen = dict(res.stolen)
     if stealer not in stolen:
         raise ConfigError(f"unknown stealer {stealer!r}; choose one of {', '.join(sorted(stolen))}")

@@ -1203,10 +1203,11 @@ class StealerChoice:
     scores: dict[str, dict[str, Any]]
     oof: dict[str, np.ndarray] = field(repr=False)
     oof_proba: dict[str, np.ndarray] = field(repr=False)
+    rule: str = "cross-validation on the shadow"
 
     def describe(self) -> dict[str, Any]:
-        return {"chosen": self.name, "chosen_reduce": self.settings[self.name], "folds": self.folds,
-                "settings": self.settings, "cv": self.scores}
+        return {"chosen": self.name, "chosen_reduce": self.settings[self.name], "rule": self.rule,
+                "folds": self.folds, "settings": self.settings, "cv": self.scores}
 
 
 def choose_stealer(shadow_latencies: np.ndarray, shadow_exits: np.ndarray, num_exits: int, *, folds: int = 5,
@@ -1336,8 +1337,12 @@ class StealResult:
                 "timing_model": self.timing.describe()}
 
 
+ADAPTIVE_RULE = ("adaptive recording: the timing model whose sequential test decided how often each sample was "
+                 "queried (the shadow's cross-validation saw fixed repeats)")
+
+
 def steal_exits(target_lat: np.ndarray, shadow_lat: np.ndarray, shadow_exits: np.ndarray, num_exits: int,
-                seed: int, *, offset: Offset = "shift", folds: int = 5) -> StealResult:
+                seed: int, *, offset: Offset = "shift", folds: int = 5, adaptive: bool = False) -> StealResult:
     """Exits stolen from ``target_lat`` by every stealer, plus ``chosen`` (adversary 2's pick).
 
     * ``kde-blind`` — the unsupervised KDE alone, clusters numbered by latency rank (adversary 3's).
@@ -1348,7 +1353,12 @@ def steal_exits(target_lat: np.ndarray, shadow_lat: np.ndarray, shadow_exits: np
       applied to the offset-corrected target timings (the boosted-trees variant is left out of the choice:
       it transferred worse and costs a minute of CPU per cross-validation on a loaded machine).
     * ``likelihood`` — the shadow-fitted per-exit timing model (:class:`ExitTimingModel`), offset-corrected.
-    * ``chosen`` — the stealer :func:`choose_stealer` picked by cross-validation on the shadow.
+    * ``chosen`` — the stealer :func:`choose_stealer` picked by cross-validation on the shadow; with
+      ``adaptive=True`` (the target was queried adaptively, :class:`mexit.attacks.collect.Adaptive`) the
+      likelihood model instead: the sequential test stopped each sample when *that* model was confident, so
+      the easy samples carry two or three queries and the hard ones many, a profile the shadow's fixed-repeat
+      cross-validation never saw (one quiet recording: likelihood 0.997 balanced behind a jittery stack where
+      the cross-validated pick, the aligned KDE, scored 0.833).
 
     Each stealer reduces the repeats the way that cross-validated best for it (``choice.settings``).
 
@@ -1359,6 +1369,8 @@ def steal_exits(target_lat: np.ndarray, shadow_lat: np.ndarray, shadow_exits: np
         raise InputError(f"offset must be 'shift', 'affine' or 'none', got {offset!r}")
     shadow_exits = np.asarray(shadow_exits, dtype=np.int64)
     choice = choose_stealer(shadow_lat, shadow_exits, num_exits, folds=folds, seed=seed)
+    if adaptive:
+        choice = replace(choice, name="likelihood", rule=ADAPTIVE_RULE)
     red = choice.settings
     timing = ExitTimingModel.fit(shadow_lat, shadow_exits, num_exits, seed=seed,
                                  statistic=_statistic(red["likelihood"]))

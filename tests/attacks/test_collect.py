@@ -235,19 +235,22 @@ def test_adaptive_querying_spends_queries_where_the_exit_is_uncertain(toy: ToyRu
 
     model, shadow = shadow_model
     x, y, m = _pool(120, 12)
-    fixed = collect_signals(Timed(toy, x, seed=2), x, y, m, repeats=2, warmup=0, progress=False, true_exit_runtime=toy)
     client = Timed(toy, x, seed=2)
     sig = collect_signals(client, x, y, m, warmup=0, progress=False, true_exit_runtime=toy,
                           adaptive=Adaptive(model, query_budget=8.0, confidence=0.95, min_queries=2))
     info = sig.meta["adaptive"]
     assert 2 <= info["shadow_plan"]["mean_queries"] <= 12  # said before querying: what the shadow's timings need
+    first = info["first_decision_round"]  # every sample gets these before any may stop (half the replay's mean)
+    assert first == max(2, min(-(-info["shadow_plan"]["mean_queries"] // 2), 4))
+    fixed = collect_signals(Timed(toy, x, seed=2), x, y, m, repeats=first, warmup=0, progress=False,
+                            true_exit_runtime=toy)
     assert info["mean_queries"] <= 8.0 and info["mean_queries"] == pytest.approx(client.asked.mean())
     assert sig.latency_ns.dtype == np.float64 and np.isnan(sig.latency_ns).any()
     assert np.array_equal(np.isfinite(sig.latency_ns).sum(axis=1), client.asked)
-    # the samples asked more than twice are those whose first two timings left the exit in doubt
-    used = replace(model, offset=tuple(info["offset"]))  # the offset it estimated after two rounds
+    # the samples asked more than `first` times are those whose first timings left the exit in doubt
+    used = replace(model, offset=tuple(info["offset"]))  # the offset it estimated after the first rounds
     post_two = used.posterior(fixed.latency_ns.astype(np.float64)).max(axis=1)
-    more = client.asked > 2
+    more = client.asked > first
     assert more.any() and (~more).any() and np.all(post_two[~more] >= 0.95) and np.all(post_two[more] < 0.95)
     # the stolen exits beat those of the same model on the fixed two queries
     adaptive_acc = (used.predict(sig.latency_ns) == sig.true_exit).mean()
@@ -399,3 +402,9 @@ def test_adaptive_querying_paces_every_target_query_with_one_shadow_query(toy: T
         Adaptive(model, query_budget=4.0).fingerprint()  # pacing does not change what a resumed run decides
     with pytest.raises(SignalsError, match="at least one shadow sample"):
         ShadowPacer(ShadowClient(), x[:0])
+    with pytest.raises(SignalsError, match="share"):
+        ShadowPacer(ShadowClient(), x[:3], share=0)
+    half = ShadowPacer(ShadowClient(), x[:3], seed=1, share=0.5)  # after about half of the target's queries
+    for _ in range(2000):
+        half()
+    assert 0.45 < half.sent / 2000 < 0.55

@@ -442,3 +442,19 @@ def test_selection_score_does_not_let_one_rare_shadow_sample_decide():
     assert _selection_score(y, miss_common) < _selection_score(y, miss_rare)
     assert _selection_score(y, y) == 1.0 and _selection_score(y, y, prior=0) == _balanced(y, y)
     assert _selection_score(y, miss_rare, prior=0) == pytest.approx(_balanced(y, miss_rare))
+
+
+def test_an_adaptive_recording_is_stolen_with_the_sequential_tests_own_model() -> None:
+    """Adaptive querying stopped each sample when the likelihood model was confident: that model is the pick."""
+    from mexit.attacks.stealing import ADAPTIVE_RULE
+
+    shadow, exits = synthetic(400, seed=50)
+    target, _ = synthetic(200, seed=51)
+    fixed = steal_exits(target, shadow, exits, 6, seed=0)
+    assert fixed.choice.rule == "cross-validation on the shadow"
+    padded = target.copy()
+    padded[::2, 3:] = np.nan  # easy samples stopped after three queries
+    res = steal_exits(padded, shadow, exits, 6, seed=0, adaptive=True)
+    assert res.choice.name == "likelihood" and res.describe()["rule"] == ADAPTIVE_RULE
+    assert np.array_equal(res.stolen["chosen"], res.stolen["likelihood"])
+    assert res.describe()["cv"] == fixed.describe()["cv"]  # the shadow's cross-validation is still reported
