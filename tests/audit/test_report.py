@@ -90,3 +90,17 @@ def test_a_figure_that_fails_is_left_out_not_fatal(tiny_run, tmp_path, monkeypat
     images = set(_parse(path).images)
     assert "fig-loss" not in images and len(images) == len(FIGURES) - 1
     assert "could not be drawn" in path.read_text(encoding="utf-8")
+
+
+def test_live_verdict_says_when_the_defense_does_not_hold_live():
+    from mexit.audit.report import live_verdict
+
+    block = {"chance_balanced": 1 / 6}
+    cfg = {"timeguard": {"oracle_tolerance": 0.05}}
+    leaky = {"label": "optimal(epsilon=0.02)", "oracle_balanced_accuracy": 0.298, "mean_added_ms": 1.358,
+             "offline_prediction": {"oracle_balanced_accuracy": 0.167}}
+    text = live_verdict(leaky, block, cfg)
+    assert "does NOT hold live" in text and "offline prediction 0.17" in text and "Confirmed" not in text
+    tight = {**leaky, "oracle_balanced_accuracy": 0.18}
+    assert "holds live" in live_verdict(tight, block, cfg) and "NOT" not in live_verdict(tight, block, cfg)
+    assert "could not be judged" in live_verdict({**tight, "oracle_balanced_accuracy": None}, None, {})
