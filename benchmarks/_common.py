@@ -185,3 +185,11 @@ def cifar_images(n: int, seed: int) -> tuple[np.ndarray, str]:
         return (data.reshape(-1, 3, 32, 32) / 255.0).astype(np.float32), "cifar10 test_batch"
     rng = np.random.default_rng(seed)
     return rng.random((n, 3, 32, 32)).astype(np.float32), "random 3x32x32 (CIFAR-10 not found)"
+
+
+def mean_sd(values: list[float | None], fmt: str = ".3f") -> str:
+    """``mean ± sd`` over seeds or runs (sample sd, ddof=1, unsigned), the single value, or "–" for none."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return "–"
+    return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt.lstrip('+')}}" if len(v) > 1 else f"{v[0]:{fmt}}"

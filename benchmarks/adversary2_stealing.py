@@ -43,6 +43,7 @@ import numpy as np
 
 from mexit._io import atomic_write_json, provenance
 from mexit.attacks.collect import Adaptive, Deployment, ShadowPacer, collect_interleaved, collect_signals
+from mexit.attacks.flow import chance_accuracy, stealing_score
 from mexit.attacks.query_bound import repeated_query_bound
 from mexit.attacks.signals import Signals
 from mexit.attacks.stealing import describe_jitter, fit_timing_model, steal_exits
@@ -75,13 +76,8 @@ def stealing_rows(target: np.ndarray, shadow: Signals, truth: np.ndarray, num_ex
     """Every stealer on ``target`` timings (fitted on the shadow's), with chance and per-exit recall."""
     res = steal_exits(target, shadow.latency_ns, shadow.true_exit, num_exits, seed, adaptive=adaptive)
     used = np.unique(truth)
-    rows: dict[str, Any] = {}
-    for name, pred in res.stolen.items():
-        recall = [float((pred[truth == k] == k).mean()) if (truth == k).any() else None for k in range(num_exits)]
-        rows[name] = {"accuracy": float((pred == truth).mean()),
-                      "balanced_accuracy": float(np.mean([recall[k] for k in used])),
-                      "per_exit_recall": recall}
-    return {"chance": float(np.bincount(truth).max() / len(truth)), "chance_balanced": 1.0 / len(used),
+    rows = {name: stealing_score(truth, pred, num_exits) for name, pred in res.stolen.items()}
+    return {"chance": chance_accuracy(truth), "chance_balanced": 1.0 / len(used),
             "target_exit_counts": np.bincount(truth, minlength=num_exits).tolist(),
             "chosen": res.choice.name, "stealers": rows, "choice": res.describe()}
 
@@ -153,9 +149,8 @@ def run_kind(kind: str, args: argparse.Namespace, pools: dict[str, tuple], runti
             row = {**adaptive.meta["adaptive"], "collect_s": round(time.perf_counter() - t0, 1),
                    **stealing_rows(adaptive.latency_ns, shadow, truth, num_exits, args.seed, adaptive=True)}
             post = replace(model, offset=tuple(row["offset"] or (0.0, 1.0)))
-            pred = post.predict(adaptive.latency_ns)
-            row["sequential_model_balanced_accuracy"] = float(np.mean([(pred[truth == k] == k).mean()
-                                                                      for k in np.unique(truth)]))
+            row["sequential_model_balanced_accuracy"] = stealing_score(
+                truth, post.predict(adaptive.latency_ns), num_exits)["balanced_accuracy"]
             out["adaptive" if paced else "adaptive_unpaced"][str(b)] = row
             log.info("%s adaptive %g (%s): %.2f queries/sample, chosen %s balanced %.3f, likelihood %.3f", kind, b,
                      "paced" if paced else "unpaced", row["mean_queries"], row["chosen"],

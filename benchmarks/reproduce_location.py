@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import mean_sd  # a sibling script, importable once its folder is on sys.path
 
 from mexit._io import atomic_write_bytes, atomic_write_json, provenance
 
@@ -296,23 +297,15 @@ def adversary3_table(path: Path) -> str:
             diffs = [next(p for p in a["pairs"] if p["hybrid"] == name)["paired"]["auc"] for a in per]
             up = sum(d["ci"][0] > 0 for d in diffs)
             down = sum(d["ci"][1] < 0 for d in diffs)
-            d = np.asarray([x["difference"] for x in diffs])
-            cells.append(f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} (↑{up} ↓{down})")
-        best_o, best_h = _ms([a["best_original"]["auc"] for a in per]), _ms([a["best_hybrid"]["auc"] for a in per])
-        rows.append(f"| {adv} | {per[0]['exit_source']} | {_ms([a['exit_accuracy'] for a in per])} | {best_o} | "
+            cells.append(f"{mean_sd([x['difference'] for x in diffs], '+.3f')} (↑{up} ↓{down})")
+        best_o = mean_sd([a["best_original"]["auc"] for a in per])
+        best_h = mean_sd([a["best_hybrid"]["auc"] for a in per])
+        rows.append(f"| {adv} | {per[0]['exit_source']} | {mean_sd([a['exit_accuracy'] for a in per])} | {best_o} | "
                     f"{best_h} | " + " | ".join(cells) + " |")
-    shift = _ms([s["label_shift"] for s in seeds])
+    shift = mean_sd([s["label_shift"] for s in seeds])
     return "\n".join(rows) + (f"\n\nSeeds {', '.join(str(s['seed']) for s in seeds)}; τ = {r['tau']}; ↑/↓: seeds whose "
                               "paired 95 % interval lies above / below 0. Label shift of adversary 3's training data "
                               f"vs the target's (total variation): {shift}\n")
-
-
-def _ms(values: list[float], fmt: str = ".3f") -> str:
-    """``mean ± sd`` over seeds (sample sd, ddof=1), or the single value."""
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    if len(v) == 0:
-        return "–"
-    return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if len(v) > 1 else f"{v[0]:{fmt}}"
 
 
 def _sign(diffs: list[float], *, expect_positive: bool, margin: float = 0.0) -> str:
@@ -349,19 +342,19 @@ def table(path: Path) -> str:
         ms = [s["models"][ex] for s in seeds if ex in s["models"]]
 
         def att(name: str, metric: str, ms: list = ms) -> str:
-            return _ms([m["deployed"]["attacks"].get(name, {}) and m["deployed"]["attacks"][name][metric]
+            return mean_sd([m["deployed"]["attacks"].get(name, {}) and m["deployed"]["attacks"][name][metric]
                         if m["deployed"]["attacks"].get(name) else None for m in ms])
 
         lines.append(
-            f"| {ex} | {_ms([m['tau']['vanilla_rule'] for m in ms], '.2f')} / "
-            f"{_ms([m['tau']['final_exit_rule'] for m in ms], '.2f')} | "
-            f"{_ms([m['deployed']['accuracy_members'] for m in ms])} / "
-            f"{_ms([m['deployed']['accuracy_nonmembers'] for m in ms])} | "
-            f"{_ms([m['final_exit']['train_accuracy'] for m in ms])} / "
-            f"{_ms([m['final_exit']['test_accuracy'] for m in ms])} | "
-            f"{_ms([m['deployed']['exit_shares_members'][0] for m in ms], '.2f')} / "
-            f"{_ms([m['deployed']['exit_shares_nonmembers'][0] for m in ms], '.2f')} | "
-            f"{_ms([m['deployed']['mean_flops_fraction'] for m in ms], '.2f')} | "
+            f"| {ex} | {mean_sd([m['tau']['vanilla_rule'] for m in ms], '.2f')} / "
+            f"{mean_sd([m['tau']['final_exit_rule'] for m in ms], '.2f')} | "
+            f"{mean_sd([m['deployed']['accuracy_members'] for m in ms])} / "
+            f"{mean_sd([m['deployed']['accuracy_nonmembers'] for m in ms])} | "
+            f"{mean_sd([m['final_exit']['train_accuracy'] for m in ms])} / "
+            f"{mean_sd([m['final_exit']['test_accuracy'] for m in ms])} | "
+            f"{mean_sd([m['deployed']['exit_shares_members'][0] for m in ms], '.2f')} / "
+            f"{mean_sd([m['deployed']['exit_shares_nonmembers'][0] for m in ms], '.2f')} | "
+            f"{mean_sd([m['deployed']['mean_flops_fraction'] for m in ms], '.2f')} | "
             f"{att('score', 'auc')} | {att('loss', 'auc')} | {att('confidence', 'auc')} | "
             f"{att('score', 'balanced_accuracy')} | {att('loss', 'balanced_accuracy')} | "
             f"{att('score-hybrid', 'auc')} | {att('loss-hybrid', 'auc')} | {att('exit-only', 'auc')} |")
@@ -375,18 +368,18 @@ def table(path: Path) -> str:
             if i % 2:
                 continue
             rows = [m["sweep"]["rows"][i] for m in ms]
-            cols = [_ms([x[k] for x in rows]) for k in ("best_original_auc", "best_hybrid_auc", "best_original_asr",
+            cols = [mean_sd([x[k] for x in rows]) for k in ("best_original_auc", "best_hybrid_auc", "best_original_asr",
                                                          "best_hybrid_asr", "exit_only_auc")]
-            cols.append(_ms([x["mean_flops_fraction"] for x in rows], ".2f"))
-            cols.append(f"{_ms([x['accuracy_members'] for x in rows])} / "
-                        f"{_ms([x['accuracy_nonmembers'] for x in rows])}")
+            cols.append(mean_sd([x["mean_flops_fraction"] for x in rows], ".2f"))
+            cols.append(f"{mean_sd([x['accuracy_members'] for x in rows])} / "
+                        f"{mean_sd([x['accuracy_nonmembers'] for x in rows])}")
             lines.append(f"| {ex} | {row['tau']:.2f} | " + " | ".join(cols) + " |")
     van = [s["models"][exits[0]]["reference"]["vanilla"]["best_original_auc"] for s in seeds]
-    lines += ["", f"Vanilla model (1 exit), best original AUC (loss/confidence/score): {_ms(van)}", ""]
+    lines += ["", f"Vanilla model (1 exit), best original AUC (loss/confidence/score): {mean_sd(van)}", ""]
     lines += ["Per-exit leakage (every sample answered by exit k; best of loss/confidence AUC):", ""]
     for ex in exits:
         ms = [s["models"][ex] for s in seeds if ex in s["models"]]
-        per = [_ms([m["per_exit_leakage"][k]["best_auc"] for m in ms]) for k in range(int(ex))]
+        per = [mean_sd([m["per_exit_leakage"][k]["best_auc"] for m in ms]) for k in range(int(ex))]
         lines.append(f"* {ex} exits: " + ", ".join(f"exit {k}: {v}" for k, v in enumerate(per)))
     lines += ["", "Claims (per-seed differences; verdict = sign agrees with the paper in every seed):", ""]
     for ex in exits:
@@ -403,21 +396,23 @@ def table(path: Path) -> str:
         at9 = [next(row for row in m["sweep"]["rows"] if abs(row["tau"] - 0.9) < 1e-9) for m in ms]
         early9 = [row["exit_shares_members"][0] - row["exit_shares_nonmembers"][0] for row in at9]
         hyb9 = [row["best_hybrid_asr"] - row["best_original_asr"] for row in at9]
-        lines.append(f"* {ex} exits at τ = 0.9 (exits spread): members − non-members leaving at exit 0 {_ms(early9)} "
+        lines.append(f"* {ex} exits at τ = 0.9 (exits spread): members − non-members leaving at exit 0 "
+                     f"{mean_sd(early9)} "
                      f"({_sign(early9, expect_positive=True)}); "
-                     f"exit-only AUC {_ms([r['exit_only_auc'] for r in at9])}; "
-                     f"best hybrid − best original ASR {_ms(hyb9)} "
+                     f"exit-only AUC {mean_sd([r['exit_only_auc'] for r in at9])}; "
+                     f"best hybrid − best original ASR {mean_sd(hyb9)} "
                      f"({_sign(hyb9, expect_positive=True, margin=0.01)}, margin 0.01)")
-        lines.append(f"* {ex} exits: multi-exit − vanilla best original AUC at the deployed τ {_ms(d_dep)} "
+        lines.append(f"* {ex} exits: multi-exit − vanilla best original AUC at the deployed τ {mean_sd(d_dep)} "
                      f"({_sign(d_dep, expect_positive=False)}); share of the τ grid where multi-exit leaks less than "
-                     f"vanilla {_ms(below, '.2f')}; score-hybrid − score AUC {_ms(d_hyb)} "
-                     f"({_sign(d_hyb, expect_positive=True)}); members − non-members leaving at exit 0 {_ms(early)} "
-                     f"({_sign(early, expect_positive=True)}); last − first exit AUC (forced) {_ms(depth)} "
+                     f"vanilla {mean_sd(below, '.2f')}; score-hybrid − score AUC {mean_sd(d_hyb)} "
+                     f"({_sign(d_hyb, expect_positive=True)}); members − non-members leaving at exit 0 "
+                     f"{mean_sd(early)} "
+                     f"({_sign(early, expect_positive=True)}); last − first exit AUC (forced) {mean_sd(depth)} "
                      f"({_sign(depth, expect_positive=True)})")
     if "4" in exits and "6" in exits:
         d_more = [s["models"]["6"]["deployed"]["best_original_auc"] - s["models"]["4"]["deployed"]["best_original_auc"]
                   for s in seeds]
-        lines.append(f"* 6 − 4 exits, best original AUC at the deployed τ: {_ms(d_more)} "
+        lines.append(f"* 6 − 4 exits, best original AUC at the deployed τ: {mean_sd(d_more)} "
                      f"({_sign(d_more, expect_positive=False)})")
     return "\n".join(lines) + "\n"
 

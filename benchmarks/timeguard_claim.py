@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from _common import mean_sd  # a sibling script, importable once its folder is on sys.path
 
 from mexit._io import atomic_write_json, provenance
 
@@ -44,13 +44,6 @@ def one_run(run_dir: Path) -> dict[str, Any]:
             "undefended": _row_view(none), "timeguard": _row_view(guard[0]) if guard else None}
 
 
-def _ms(values: list[float | None], fmt: str = "+.3f") -> str:
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    if not len(v):
-        return "–"
-    return f"{v.mean():{fmt}} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:{fmt}}"
-
-
 def table(runs: list[dict[str, Any]]) -> str:
     lines = ["| seed | undefended: hybrid − original AUC | TimeGuard σ (cheapest meeting the rule) | "
              "hybrid − original AUC | oracle / Bayes bound (1/K) | mean added |", "|---|---|---|---|---|---|"]
@@ -63,10 +56,11 @@ def table(runs: list[dict[str, Any]]) -> str:
                      f"({r['chance_balanced']:.3f}) | +{g['mean_added_ms']:.2f} ms |" if g else
                      f"| {r['seed']} | {u['hybrid_gain']:+.3f}{ci(u)} | none meets the rule | – | – | – |")
     guarded = [r["timeguard"] for r in runs if r["timeguard"]]
-    added = _ms([g["mean_added_ms"] for g in guarded], ".2f")
-    lines.append(f"| mean ± sd | {_ms([r['undefended']['hybrid_gain'] for r in runs])} | | "
-                 f"{_ms([g['hybrid_gain'] for g in guarded])} | {_ms([g['oracle'] for g in guarded], '.3f')} / "
-                 f"{_ms([g['bayes_bound'] for g in guarded], '.3f')} | {added} ms |")
+    gains = mean_sd([g["hybrid_gain"] for g in guarded], "+.3f")
+    judges = f"{mean_sd([g['oracle'] for g in guarded])} / {mean_sd([g['bayes_bound'] for g in guarded])}"
+    added = mean_sd([g["mean_added_ms"] for g in guarded], ".2f")
+    lines.append(f"| mean ± sd | {mean_sd([r['undefended']['hybrid_gain'] for r in runs], '+.3f')} | | {gains} | "
+                 f"{judges} | {added} ms |")
     return "\n".join(lines) + "\n"
 
 

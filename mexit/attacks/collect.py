@@ -165,8 +165,8 @@ class Adaptive:
     :func:`~mexit.attacks.stealing.describe_jitter` says beforehand how many queries the target will need.
 
     ``pace``: called after every target query (a :class:`ShadowPacer`): a query to the attacker's own
-    shadow deployment as often as the recording had one, so that the host sees the same mixed traffic as
-    when shadow and target were recorded together. A deployment queried alone answers faster (its weights
+    shadow deployment, so that the host sees mixed traffic as when shadow and target were recorded
+    together. A deployment queried alone answers faster (its weights
     stay in cache): unpaced, the jittery Location target looked 0.42 ms faster than its shadow, about two
     exit gaps, and the offset estimate followed it (``docs/results.md``, rec8).
     """

@@ -586,8 +586,8 @@ def attack_deployments(*, target: str, target_run: Path, shadow: str, shadow_run
         if s3_run.dataset.name == ds.name:
             _check_disjoint(t_run, s3_run, "shadow3")
         s3_side = side(shadow3, s3_run, shadow3_model, shadow3_bundle, "shadow", seed + 2, "shadow3")
-    deployed_acc = {k: t_run.metrics.get(k) for k in ("final_exit", "deployed") if k in t_run.metrics}
-    deployed_acc["deployed"] = deployed_at(t_run.metrics, getattr(t_side.owner, "threshold", None))
+    deployed_acc = {"final_exit": t_run.metrics.get("final_exit"),
+                    "deployed": deployed_at(t_run.metrics, getattr(t_side.owner, "threshold", None))}
     describe = {"target": target, "shadow": shadow, "target_run": str(target_run), "shadow_run": str(shadow_run),
                 "shadow3": shadow3, "shadow3_run": None if shadow3_run is None else str(shadow3_run),
                 "arch": t_run.config.arch, "exits": t_run.config.exits, "dataset": t_run.config.dataset,

@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage, signal
+from scipy import signal
 
-from mexit.defense.bayes import _linear_binning, silverman_bandwidth
+from mexit._kde import binned_kde
+from mexit.defense.bayes import silverman_bandwidth
 from mexit.errors import ConfigError
 
 _MAX_GRID = 400_000
@@ -30,7 +31,7 @@ _FLOOR = 1e-12  # density floor per bin (relative): one stray query must not vet
 
 
 def _smoothed_pmf(x: np.ndarray, lo: float, step: float, m: int, bandwidth: float) -> np.ndarray:
-    pmf = ndimage.gaussian_filter1d(_linear_binning(x, lo, step, m), bandwidth / step, mode="constant", truncate=6.0)
+    pmf = binned_kde(x, lo, step, m, bandwidth)
     return pmf / max(float(pmf.sum()), 1e-300)
 
 

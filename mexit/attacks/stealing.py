@@ -37,8 +37,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
-from scipy import fft, ndimage, optimize, signal, special, stats
+from scipy import fft, optimize, signal, special, stats
 
+from mexit._kde import binned_kde, linear_binning
 from mexit.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def isj_bandwidth(data: np.ndarray, grid_points: int = 1 << 14) -> float:
     span = hi - lo
     lo, hi = lo - span / 10, hi + span / 10  # Botev's padding of the range
     width = hi - lo
-    counts = _linear_binning(x, lo, (hi - lo) / (grid_points - 1), grid_points)
+    counts = linear_binning(x, lo, (hi - lo) / (grid_points - 1), grid_points)
     counts /= counts.sum()
     # cosine coefficients of the binned density: a_k = 2 sum_j p_j cos(k pi x_j) is scipy's unnormalised DCT-II;
     # the roughness ||f_t^(s)||^2 = 1/2 sum_k (k pi)^(2s) a_k^2 exp(-k^2 pi^2 t) (Botev's a2 = (a/2)^2 with factor 2)
@@ -147,17 +148,6 @@ def isj_bandwidth(data: np.ndarray, grid_points: int = 1 << 14) -> float:
         tol *= 2
         if tol >= 1:
             raise ValueError("the ISJ fixed point has no root for these data")
-
-
-def _linear_binning(x: np.ndarray, lo: float, step: float, m: int) -> np.ndarray:
-    """Counts on the grid ``lo + step * j`` (j < m), each sample split between its two grid neighbours."""
-    pos = np.clip((x - lo) / step, 0, m - 1)
-    left = np.minimum(np.floor(pos).astype(np.int64), m - 2) if m > 1 else np.zeros(len(x), dtype=np.int64)
-    frac = pos - left
-    counts = np.bincount(left, weights=1 - frac, minlength=m)
-    if m > 1:
-        counts += np.bincount(left + 1, weights=frac, minlength=m)
-    return counts[:m]
 
 
 # ------------------------------------------------------------------------------ unsupervised (KDE)
@@ -254,9 +244,8 @@ class KDEExitStealer:
             m = _MAX_GRID
             logger.warning("latency range is %.0f bandwidths wide: grid step capped at %.3g bandwidths", (hi - lo) / bw,
                            step / bw)
-        counts = _linear_binning(core, lo, step, m)
         sigma_bins = bw / step
-        density = ndimage.gaussian_filter1d(counts, sigma_bins, mode="constant", truncate=6.0)
+        density = binned_kde(core, lo, step, m, bw)
         support = density * math.sqrt(2 * math.pi) * sigma_bins  # samples within ~1 bandwidth of each point
         grid = lo + step * np.arange(m)
         cuts = self._boundaries(core, grid, density, support)
@@ -1032,8 +1021,7 @@ def _noise_density(res: np.ndarray, sigma: float, floor: float = 1e-4) -> tuple[
     step = bw / 5
     m = min(math.ceil((hi - lo) / step) + 1, 1 << 16)
     step = (hi - lo) / (m - 1)
-    counts = _linear_binning(r[(r >= lo) & (r <= hi)], lo, step, m)
-    dens = ndimage.gaussian_filter1d(counts, bw / step, mode="constant", truncate=6.0)
+    dens = binned_kde(r[(r >= lo) & (r <= hi)], lo, step, m, bw)
     dens = dens / (dens.sum() * step)
     dens = np.maximum(dens, floor * dens.max())
     return lo + step * np.arange(m), np.log(dens)
@@ -1127,9 +1115,10 @@ def _selection_score(y: np.ndarray, pred: np.ndarray, prior: float = SELECTION_P
     """Balanced accuracy with each exit's recall shrunk towards the stealer's overall accuracy.
 
     ``(hits_k + prior · acc) / (n_k + prior)`` per exit, averaged: an empirical-Bayes estimate of the recall.
-    Raw balanced accuracy lets one shadow sample at a rare exit swing the choice by ``1/K`` (a recording chose
-    the aligned KDE at 0.833 on the target over nearest-centre at 0.999 that way); with the shrinkage an exit
-    seen once weighs like a third of a sample, an exit seen fifty times is untouched.
+    Raw balanced accuracy lets one shadow sample at a rare exit swing the choice by ``1/K``; with the shrinkage an
+    exit seen once weighs like a third of a sample, an exit seen fifty times is untouched. On 30 re-analysed
+    (recording × query count) cases it cut the median gap between the chosen and the best stealer on the target
+    from 0.013 to 0.003 balanced (accuracy gap 0.19 → 0.12; the mean balanced gap stayed 0.035).
     """
     acc = float((pred == y).mean())
     return float(np.mean([((pred[y == k] == k).sum() + prior * acc) / ((y == k).sum() + prior)

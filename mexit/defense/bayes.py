@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
+from mexit._kde import binned_kde
 from mexit.errors import ConfigError
 
 ReleaseCDF = Callable[[int, np.ndarray], np.ndarray]
@@ -38,14 +38,6 @@ def silverman_bandwidth(x: np.ndarray) -> float:
     spread = min(float(np.std(x, ddof=1)), iqr / 1.34) or float(np.std(x, ddof=1))
     h = 0.9 * spread * x.size ** (-0.2)
     return h if h > 0 else max(abs(float(np.median(x))) * 1e-3, 1e-7)
-
-
-def _linear_binning(x: np.ndarray, lo: float, step: float, m: int) -> np.ndarray:
-    """Counts of ``x`` spread linearly over the two nearest of ``m`` grid points ``lo + i·step``."""
-    pos = np.clip((x - lo) / step, 0, m - 1)
-    i = np.minimum(np.floor(pos).astype(np.int64), m - 2)
-    w = pos - i
-    return np.bincount(i, 1 - w, minlength=m) + np.bincount(i + 1, w, minlength=m)
 
 
 def no_release(exit_k: int, grid_s: np.ndarray) -> np.ndarray:
@@ -87,8 +79,7 @@ def observed_pmfs(clean: Sequence[np.ndarray], release_cdf: ReleaseCDF, *,
     pmf = np.empty((len(use), m + 1))
     for i, (k, c, h) in enumerate(zip(use, data, bw, strict=True)):
         # Kernel CDF of the clean time: linear binning onto the grid, a Gaussian filter, a cumulative sum (O(M)).
-        f_c = np.cumsum(ndimage.gaussian_filter1d(_linear_binning(c, lo, step_g, m), h / step_g, mode="constant",
-                                                  truncate=6.0))
+        f_c = np.cumsum(binned_kde(c, lo, step_g, m, h))
         f_c /= max(f_c[-1], 1e-300)
         f_obs = np.clip(f_c * np.asarray(release_cdf(k, grid), dtype=np.float64), 0.0, 1.0)
         f_obs = np.maximum.accumulate(f_obs)

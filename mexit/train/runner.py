@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from mexit._io import atomic_path, atomic_write_json, provenance
 from mexit.data import Dataset, Splits, dataset_names, load_dataset, make_splits
-from mexit.data.splits import class_skewed, label_shift
+from mexit.data.splits import ROLE_PARTS, class_skewed, label_shift
 from mexit.errors import ConfigError, UserError
 from mexit.train.multiexit import MAX_EXITS, MultiExitNet
 from mexit.train.threshold import TAU_RULES, ThresholdSearch, choose_threshold, deployed_accuracy, search_threshold
@@ -144,10 +144,13 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+OTHER_ROLE = {"target": "shadow", "shadow": "target"}
+
+
 def _role_indices(splits: Splits, role: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if role == "target":
-        return splits.target_train, splits.target_test, splits.target_val
-    return splits.shadow_train, splits.shadow_test, splits.shadow_val
+    """``(train, test, val)`` indices of one role's parts."""
+    train, val, test = (getattr(splits, part) for part in ROLE_PARTS[role])
+    return train, test, val
 
 
 def _prepare_run_dir(out_dir: Path, config: TrainConfig) -> None:
@@ -186,14 +189,13 @@ def _load_or_make_splits(path: Path, dataset: Dataset, config: TrainConfig) -> S
         return Splits.load(path)
     splits = make_splits(dataset.y, seed=config.seed, max_per_split=config.limit)
     if config.subset == "class-skewed":
-        full = splits
-        splits = class_skewed(splits, dataset.y, config.role)
-        train_part = "target_train" if config.role == "target" else "shadow_train"
-        other = "shadow_train" if config.role == "target" else "target_train"
+        full, splits = splits, class_skewed(splits, dataset.y, config.role)
+        mine, was = _role_indices(splits, config.role)[0], _role_indices(full, config.role)[0]
+        other = OTHER_ROLE[config.role]
+        theirs = _role_indices(full, other)[0]
         log.info("class-skewed %s data: %d of %d training samples; label shift vs the %s's (total variation) "
-                 "%.3f, was %.3f", config.role, len(getattr(splits, train_part)), len(getattr(full, train_part)),
-                 other.split("_")[0], label_shift(dataset.y, getattr(splits, train_part), getattr(full, other)),
-                 label_shift(dataset.y, getattr(full, train_part), getattr(full, other)))
+                 "%.3f, was %.3f", config.role, len(mine), len(was), other, label_shift(dataset.y, mine, theirs),
+                 label_shift(dataset.y, was, theirs))
     splits.save(path)
     return splits
 
@@ -335,7 +337,7 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, progress: bool = True
     metrics["history"] = history
     metrics["init_seed"] = init_seed
     # how far this role's class prior is from the other role's (total variation; ~0 for the stratified parts)
-    other_train = splits.target_train if config.role == "shadow" else splits.shadow_train
+    other_train = _role_indices(splits, OTHER_ROLE[config.role])[0]
     metrics["data"] = {"subset": config.subset, "label_shift": label_shift(dataset.y, train_idx, other_train)}
     metrics["provenance"] = provenance(seed=config.seed, config=config.identity())
     with atomic_path(out_dir / "model.pt") as tmp:
