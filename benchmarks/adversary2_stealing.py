@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 
 from mexit._io import atomic_write_json, provenance
-from mexit.attacks.collect import Adaptive, Deployment, ShadowPacer, collect_interleaved, collect_signals
-from mexit.attacks.flow import chance_accuracy, stealing_score
+from mexit.attacks.collect import Adaptive, Deployment, collect_interleaved, collect_signals
+from mexit.attacks.flow import chance_accuracy, paced_centres, stealing_score
+from mexit.attacks.pacing import ShadowPacer
 from mexit.attacks.query_bound import repeated_query_bound
 from mexit.attacks.signals import Signals
 from mexit.attacks.stealing import describe_jitter, fit_timing_model, steal_exits
@@ -72,14 +73,32 @@ def attack_pool(run_dir: Path, role: str, n: int, rng: np.random.Generator, data
 
 
 def stealing_rows(target: np.ndarray, shadow: Signals, truth: np.ndarray, num_exits: int, seed: int, *,
-                  adaptive: bool = False) -> dict[str, Any]:
-    """Every stealer on ``target`` timings (fitted on the shadow's), with chance and per-exit recall."""
-    res = steal_exits(target, shadow.latency_ns, shadow.true_exit, num_exits, seed, adaptive=adaptive)
+                  adaptive: bool = False, centres: tuple[Any, Any] = (None, None)) -> dict[str, Any]:
+    """Every stealer on ``target`` timings (fitted on the shadow's; the likelihood model re-centred on
+    ``centres``, the pacer's), with chance and per-exit recall."""
+    res = steal_exits(target, shadow.latency_ns, shadow.true_exit, num_exits, seed, adaptive=adaptive,
+                      centres=centres[0], centre_weights=centres[1])
     used = np.unique(truth)
     rows = {name: stealing_score(truth, pred, num_exits) for name, pred in res.stolen.items()}
     return {"chance": chance_accuracy(truth), "chance_balanced": 1.0 / len(used),
             "target_exit_counts": np.bincount(truth, minlength=num_exits).tolist(),
             "chosen": res.choice.name, "stealers": rows, "choice": res.describe()}
+
+
+class _QueryLog:
+    """A client proxy that keeps every answer's round-trip time in the order sent (``--save-signals``), so a
+    saved adaptive recording can be replayed in time (each target query is followed by one pacing query)."""
+
+    def __init__(self, client: OIPClient) -> None:
+        self.client, self.rtt_ns = client, []
+
+    def infer(self, x: np.ndarray, outputs: list[str] | None = None) -> Any:
+        res = self.client.infer(x, outputs)
+        self.rtt_ns.append(int(res.rtt_ns))
+        return res
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
 
 
 def servers(kind: str, bundle: Path, args: argparse.Namespace, seed: int) -> ServerProcess:
@@ -141,17 +160,34 @@ def run_kind(kind: str, args: argparse.Namespace, pools: dict[str, tuple], runti
         for b, paced in runs:
             t0 = time.perf_counter()
             x, y, member, idx = pools["target"]
-            pacer = ShadowPacer(sc, pools["shadow"][0], seed=args.seed + b, share=args.pace_share) if paced else None
-            adaptive = collect_signals(tc, x, y, member, warmup=args.warmup, seed=args.seed + 10 + b,
+            pacer = ShadowPacer(sc, pools["shadow"][0], seed=args.seed + b, share=args.pace_share,
+                                exits=shadow.true_exit, num_exits=num_exits) if paced else None
+            client = _QueryLog(tc) if args.save_signals else tc
+            adaptive = collect_signals(client, x, y, member, warmup=args.warmup, seed=args.seed + 10 + b,
                                        sample_index=idx, true_exit_runtime=runtimes["target"], progress=args.progress,
                                        adaptive=Adaptive(model, query_budget=b, confidence=args.confidence,
-                                                         offset=not args.no_offset, pace=pacer))
+                                                         offset=not args.no_offset, pace=pacer,
+                                                         drift_correction=not args.no_drift_correction))
             row = {**adaptive.meta["adaptive"], "collect_s": round(time.perf_counter() - t0, 1),
-                   **stealing_rows(adaptive.latency_ns, shadow, truth, num_exits, args.seed, adaptive=True)}
+                   **stealing_rows(adaptive.drift_corrected_latency_ns(), shadow, truth, num_exits, args.seed,
+                                   adaptive=True, centres=paced_centres(adaptive))}
+            if adaptive.latency_drift_ns is not None:  # the same recording read without the pacer's drift/centres
+                raw = stealing_rows(adaptive.latency_ns, shadow, truth, num_exits, args.seed, adaptive=True)
+                row["without_drift_correction"] = {"chosen": raw["chosen"], "stealers": raw["stealers"]}
             post = replace(model, offset=tuple(row["offset"] or (0.0, 1.0)))
+            cent, weights = paced_centres(adaptive)
+            if cent is not None:
+                post = replace(post.recentred(cent, weights), offset=post.offset)
             row["sequential_model_balanced_accuracy"] = stealing_score(
-                truth, post.predict(adaptive.latency_ns), num_exits)["balanced_accuracy"]
+                truth, post.predict(adaptive.drift_corrected_latency_ns()), num_exits)["balanced_accuracy"]
             out["adaptive" if paced else "adaptive_unpaced"][str(b)] = row
+            if args.save_signals:
+                tag = f"{kind}_adaptive{'' if paced else '_unpaced'}_b{b:g}"
+                adaptive.save(args.save_signals / f"{tag}.npz")
+                if pacer is not None:
+                    rows, rtt = pacer.answers
+                    np.savez(args.save_signals / f"{tag}_pacer.npz", rows=rows, rtt_ns=rtt,
+                             target_rtt_ns=np.asarray(client.rtt_ns, dtype=np.int64))
             log.info("%s adaptive %g (%s): %.2f queries/sample, chosen %s balanced %.3f, likelihood %.3f", kind, b,
                      "paced" if paced else "unpaced", row["mean_queries"], row["chosen"],
                      row["stealers"]["chosen"]["balanced_accuracy"], row["stealers"]["likelihood"]["balanced_accuracy"])
@@ -202,6 +238,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--no-offset", action="store_true",
                    help="adaptive: trust absolute times (shadow and target on the same host and stack)")
+    p.add_argument("--no-drift-correction", action="store_true",
+                   help="adaptive: decide on raw timings and the shadow recording's centres (the pacer only paces)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--overhead-ms", type=float, default=3.0, help="jittery: median added overhead (lognormal)")
     p.add_argument("--jitter-sigma", type=float, default=0.1, help="jittery: lognormal shape")

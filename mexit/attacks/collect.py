@@ -50,10 +50,11 @@ import numpy as np
 from scipy import stats
 
 from mexit._io import load_npz, provenance, save_npz
+from mexit.attacks.pacing import RETRYABLE, PacerCalibration, ShadowPacer, drift_coupling, moves_with_host
 from mexit.attacks.signals import Signals, SignalsError, cross_entropy
 from mexit.attacks.stealing import ExitTimingModel, replay_sequential, sequential_stop
 from mexit.runtime.types import Runtime
-from mexit.serve.client import ServerError, ServerUnreachableError
+from mexit.serve.client import ServerError
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,11 @@ class _Progress:
         self.lost = 0
         self.retried = 0
         self.extra: dict[str, Any] = {}  # adaptive querying: the offset estimated after the first rounds
+        # paced adaptive querying: the index of the shadow answer that followed each target query, and the
+        # pacer's answers (shadow row, round-trip ns), so a resumed run keeps measuring the drift on one log
+        self.pace_at = np.full((n, repeats), -1, dtype=np.int64)
+        self.pacer_rows = np.empty(0, dtype=np.int64)
+        self.pacer_rtt = np.empty(0, dtype=np.int64)
 
     def done(self) -> int:
         return int((self.latency >= 0).sum())
@@ -121,6 +127,8 @@ class _Progress:
                   "inconsistent": self.inconsistent}
         if self.probs is not None:
             arrays["probs"] = self.probs
+        if (self.pace_at >= 0).any():
+            arrays.update(pace_at=self.pace_at, pacer_rows=self.pacer_rows, pacer_rtt=self.pacer_rtt)
         save_npz(path, arrays, header)
 
     @classmethod
@@ -145,6 +153,8 @@ class _Progress:
         prog.attempted = prog.latency >= 0  # lost queries of the interrupted run are asked again
         prog.inconsistent = arrays["inconsistent"]
         prog.probs = arrays.get("probs")
+        if "pace_at" in arrays:
+            prog.pace_at, prog.pacer_rows, prog.pacer_rtt = arrays["pace_at"], arrays["pacer_rows"], arrays["pacer_rtt"]
         prog.outputs = list(header.get("outputs", []))
         prog.retried = int(header.get("retried", 0))
         prog.extra = dict(header.get("extra", {}))
@@ -168,7 +178,13 @@ class Adaptive:
     shadow deployment, so that the host sees mixed traffic as when shadow and target were recorded
     together. A deployment queried alone answers faster (its weights
     stay in cache): unpaced, the jittery Location target looked 0.42 ms faster than its shadow, about two
-    exit gaps, and the offset estimate followed it (``docs/results.md``, rec8).
+    exit gaps, and the offset estimate followed it (``docs/results.md``, rec8). A pacer that knows its
+    shadow's exits (``ShadowPacer(..., exits=...)``) also measures the host's drift and the per-exit centres
+    on today's clock (:mod:`mexit.attacks.pacing`); with ``drift_correction`` (default) every decision reads
+    the target's timings less the drift at their moment, against those centres, and the signals keep the
+    drift (``Signals.latency_drift_ns``) for the stealers. ``spend_budget`` (default): when every sample is
+    confident before the budget is spent, the least certain are asked again at a stricter confidence
+    (:func:`_spend_rest`) instead of leaving the budget unused.
     """
 
     model: ExitTimingModel
@@ -178,6 +194,8 @@ class Adaptive:
     max_per_sample: int | None = None
     offset: bool = True
     pace: Callable[[], None] | None = field(default=None, compare=False)
+    drift_correction: bool = True
+    spend_budget: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.query_budget <= MAX_QUERY_BUDGET:
@@ -203,7 +221,13 @@ class Adaptive:
         digest = hashlib.sha256(np.ascontiguousarray(self.model.centres).tobytes()).hexdigest()[:16]
         return {"query_budget": float(self.query_budget), "confidence": float(self.confidence),
                 "min_queries": int(self.min_queries), "max_per_sample": self.width, "model": digest,
-                "offset": bool(self.offset)}
+                "offset": bool(self.offset), "drift_correction": self.calibrating,
+                "spend_budget": bool(self.spend_budget)}
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether decisions use the pacer's drift and centres (a resumed run must decide the same way)."""
+        return bool(self.drift_correction and isinstance(self.pace, ShadowPacer) and self.pace.calibrates)
 
 
 @dataclass
@@ -316,6 +340,16 @@ def collect_signals(
     if adaptive is not None:
         sig.meta["adaptive"] = _adaptive_report(state, adaptive)
         sig.meta["repeats"] = None  # a different number per sample: see meta["adaptive"] and the NaN padding
+        cal = _final_calibration(state, adaptive)
+        if cal is not None and sig.latency_ns is not None:
+            drift = np.where(np.isfinite(sig.latency_ns), cal.at(state.pace_at[:, : sig.latency_ns.shape[1]]), np.nan)
+            beta, se, used = drift_coupling(sig.latency_ns, drift)
+            coupled = moves_with_host(sig.latency_ns, drift)
+            sig.meta["adaptive"]["drift_coupling"] = {
+                "slope": None if not np.isfinite(beta) else round(beta, 3),
+                "se": None if not np.isfinite(se) else round(se, 3), "queries": used, "corrected": coupled}
+            if coupled:  # the stealers read the drift-corrected timings (Signals.drift_corrected_latency_ns)
+                sig = replace(sig, latency_drift_ns=drift)
     return sig
 
 
@@ -418,45 +452,7 @@ def _check_outputs(outputs: Sequence[str], require: Sequence[str]) -> None:
                                f"{_HOW_TO_EXPOSE.get(name, 'this attack cannot run against it')}")
 
 
-_RETRYABLE = (ServerUnreachableError, ConnectionError, TimeoutError)
-
-
-class ShadowPacer:
-    """After a target query, one query to the shadow deployment (with probability ``share``, default always).
-
-    The attacker owns the shadow, so these queries cost it nothing; their answers are not recorded. Shadow
-    samples are cycled in a seeded random order. A failed query is counted, never raised: pacing must not stop
-    the target's collection. ``share=0.5`` would reproduce the random schedule of :func:`collect_interleaved`
-    more literally (half of the target's queries follow a shadow query there), but on the jittery Location
-    stack it stole worse in both recordings tried (0.59 and 0.73 balanced at budget 20, against 0.90–0.98
-    with ``share=1``; ``docs/results.md``), so every target query is paced by default.
-    """
-
-    def __init__(self, client: Any, x: np.ndarray, *, seed: int = 0, share: float = 1.0) -> None:
-        if not len(x):
-            raise SignalsError("a shadow pacer needs at least one shadow sample to send")
-        if not 0 < share <= 1:
-            raise SignalsError(f"the pacing share must lie in (0, 1], got {share}")
-        self.client, self.x, self.share = client, x, float(share)
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
-        self._order = rng.permutation(len(x))
-        self._coin = rng
-        self.sent = 0
-        self.failed = 0
-
-    def __call__(self) -> None:
-        if self.share < 1 and self._coin.random() >= self.share:
-            return
-        i = int(self._order[self.sent % len(self._order)])
-        self.sent += 1
-        try:
-            self.client.infer(self.x[i : i + 1])
-        except (ServerError, *_RETRYABLE) as exc:
-            self.failed += 1
-            logger.debug("pacing query to the shadow failed: %s", exc)
-
-    def report(self) -> dict[str, int]:
-        return {"sent": self.sent, "failed": self.failed}
+_RETRYABLE = RETRYABLE
 
 
 def _send_with_retry(send: Callable[[int], Any], i: int, state: _Progress, opts: _Options) -> Any | None:
@@ -573,12 +569,16 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
     """Rounds of queries; after the first rounds (:func:`first_decision_round`) only the samples whose exit is
     still uncertain.
 
-    Which samples a round visits depends only on their own recorded timings and on the offset estimated
-    once after the first rounds (kept in the checkpoint), so a resumed run makes the same decisions.
+    Which samples a round visits depends only on their own recorded timings, the offset estimated once after
+    the first rounds (kept in the checkpoint) and, with a calibrating pacer, its answers (kept too), so a
+    resumed run makes the same decisions.
     """
     from tqdm.auto import tqdm
 
     model = replace(plan.model)
+    pacer = plan.pace if plan.calibrating else None
+    if pacer is not None and len(state.pacer_rows):
+        pacer.restore(state.pacer_rows, state.pacer_rtt, sent=len(state.pacer_rows))  # type: ignore[attr-defined]
     if plan.pace is not None:
         pace, target_send = plan.pace, send
 
@@ -605,20 +605,32 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
     bar = tqdm(total=budget, initial=int(state.attempted.sum()), disable=not opts.progress, unit="query",
                desc=opts.desc, leave=False)
     saver = _Saver(state, checkpoint, fingerprint, opts.every_s)
+
+    def ask(i: int, r: int) -> None:
+        _ask(send, i, r, state, opts)
+        if pacer is not None:
+            state.pace_at[i, r] = pacer.last  # type: ignore[attr-defined]
+        bar.update(1)
+        bar.set_postfix_str(f"{int(state.attempted.sum()) / n:.1f} of {plan.query_budget:g} queries/sample")
+        saver.tick()
+
     try:
         for r in range(plan.width):
             if r >= first and not informative:
                 break
+            lat, judge = _latencies(state), model
+            if r >= first and pacer is not None:
+                judge, lat = _calibrated(model, pacer, state)
             if r == first and plan.offset:
                 if "offset" not in state.extra:
                     reduce = "min" if model.statistic == "min" else "trimmed"  # the statistic the model judges
-                    state.extra["offset"] = list(model.estimate_offset(_latencies(state), reduce=reduce))
+                    state.extra["offset"] = list(judge.estimate_offset(lat, reduce=reduce))
                 model.offset = tuple(state.extra["offset"])  # type: ignore[assignment]
+            judge.offset = model.offset
             todo = _round_order(seed, r, n)
             todo = todo[~state.attempted[todo, r]]
             if r >= first:
-                lat = _latencies(state)
-                _, confident = sequential_stop(model, lat[todo], plan.confidence)
+                _, confident = sequential_stop(judge, lat[todo], plan.confidence)
                 todo = todo[~confident & state.attempted[todo, r - 1]]  # still uncertain, and asked last round
             if not len(todo):
                 if state.attempted[:, r].any():  # this round was done before the run was resumed
@@ -627,14 +639,63 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
             for i in todo:
                 if int(state.attempted.sum()) >= budget and r >= first:
                     return
-                _ask(send, int(i), r, state, opts)
-                spent = int(state.attempted.sum())
-                bar.update(1)
-                bar.set_postfix_str(f"{spent / n:.1f} of {plan.query_budget:g} queries/sample")
-                saver.tick()
+                ask(int(i), r)
+        if informative and plan.spend_budget:
+            _spend_rest(ask, state, plan, model, pacer, budget)
     finally:
+        if pacer is not None:
+            state.pacer_rows, state.pacer_rtt = pacer.answers  # type: ignore[attr-defined]
         bar.close()
         saver.close()
+
+
+def _spend_rest(ask: Callable[[int, int], None], state: _Progress, plan: Adaptive, model: ExitTimingModel,
+                pacer: ShadowPacer | None, budget: int) -> None:
+    """Every sample was confident before the budget was spent: ask the least certain ones again, at a stricter
+    confidence each pass (the error left is ``1 - confidence``; each pass divides it by 4).
+
+    A sample confident at 0.95 is still wrong one time in twenty, and with a few hundred samples the rare
+    exits hold one to ten of them, so one error moves their recall by 0.1–1. Each query goes to the sample's
+    next free slot, so its repeats stay contiguous.
+    """
+    level = plan.confidence
+    while int(state.attempted.sum()) < budget and level < 1 - 1e-6:
+        judge, lat = (_calibrated(model, pacer, state) if pacer is not None else (replace(model), _latencies(state)))
+        judge.offset = model.offset
+        post, _ = sequential_stop(judge, lat, 0.5)
+        slots = state.attempted.sum(axis=1)
+        todo = np.flatnonzero((post.max(axis=1) < level) & (slots < plan.width))
+        if not len(todo):
+            level = 1 - (1 - level) / 4
+            continue
+        state.extra.setdefault("stricter_confidence", [])
+        if not state.extra["stricter_confidence"] or state.extra["stricter_confidence"][-1] != level:
+            state.extra["stricter_confidence"].append(level)
+        for i in todo[np.argsort(post.max(axis=1)[todo], kind="stable")]:  # least certain first
+            if int(state.attempted.sum()) >= budget:
+                return
+            ask(int(i), int(slots[i]))
+
+
+def _calibrated(model: ExitTimingModel, pacer: ShadowPacer, state: _Progress
+                ) -> tuple[ExitTimingModel, np.ndarray]:
+    """The model with the pacer's per-exit centres blended in and the target's latencies less the host's drift
+    at their moment — when the target's own repeats move with that drift (:func:`moves_with_host`); else
+    ``model`` and the raw latencies (too few paced answers yet, or a target on another host)."""
+    state.pacer_rows, state.pacer_rtt = pacer.answers
+    cal = pacer.calibration()
+    lat = _latencies(state)
+    if cal is None:
+        return replace(model), lat
+    drift = np.where(np.isfinite(lat), cal.at(state.pace_at), np.nan)
+    beta, se, used = drift_coupling(lat, drift)
+    coupled = moves_with_host(lat, drift)
+    state.extra["drift_coupling"] = {"slope": None if not np.isfinite(beta) else round(beta, 3),
+                                     "se": None if not np.isfinite(se) else round(se, 3), "queries": used,
+                                     "corrected": coupled}
+    if not coupled:
+        return replace(model), lat
+    return model.recentred(cal.centres, cal.counts), lat - drift
 
 
 def _shadow_plan(plan: Adaptive) -> dict[str, Any] | None:
@@ -648,12 +709,24 @@ def _shadow_plan(plan: Adaptive) -> dict[str, Any] | None:
                              min_queries=plan.min_queries)
 
 
+def _final_calibration(state: _Progress, plan: Adaptive) -> PacerCalibration | None:
+    """The pacer's drift and centres over all its answers (None without a calibrating pacer)."""
+    if not plan.calibrating:
+        return None
+    pacer = plan.pace
+    assert isinstance(pacer, ShadowPacer)
+    if not len(pacer.answers[0]) and len(state.pacer_rows):  # a finished run re-opened from its checkpoint
+        pacer.restore(state.pacer_rows, state.pacer_rtt, sent=len(state.pacer_rows))
+    return pacer.calibration()
+
+
 def _adaptive_report(state: _Progress, plan: Adaptive) -> dict[str, Any]:
     """Queries spent per sample and how many samples ended confident, for ``meta["adaptive"]``."""
-    model = replace(plan.model)
+    model, lat = replace(plan.model), _latencies(state)
+    if plan.calibrating:
+        model, lat = _calibrated(model, plan.pace, state)  # type: ignore[arg-type]
     if "offset" in state.extra:
         model.offset = tuple(state.extra["offset"])  # type: ignore[assignment]
-    lat = _latencies(state)
     ok = np.isfinite(lat).any(axis=1)
     confident = np.zeros(len(lat), dtype=bool)
     if ok.any():
@@ -664,10 +737,10 @@ def _adaptive_report(state: _Progress, plan: Adaptive) -> dict[str, Any]:
             "confident_samples": int(confident.sum()), "offset": state.extra.get("offset"),
             "shadow_plan": state.extra.get("shadow_plan"),
             "first_decision_round": state.extra.get("first_decision_round"),
+            "drift_correction": plan.calibrating,
+            "stricter_confidence": state.extra.get("stricter_confidence", []),
             "paced_with_shadow": plan.pace.report() if isinstance(plan.pace, ShadowPacer) else plan.pace is not None,
             "timing_informative": plan.model.informative()}
-
-
 
 
 def _record(state: _Progress, i: int, r: int, outputs: dict[str, np.ndarray], rtt_ns: int,

@@ -272,13 +272,17 @@ def collect_cached(path: Path, client: Any, queries: QuerySet, plan: AttackPlan,
     return signals
 
 
-def _pacer(shadow: Side, plan: AttackPlan) -> Callable[[], None] | None:
-    """A shadow pacer for adaptive querying when both deployments are live (``mexit attack``)."""
+def _pacer(shadow: Side, plan: AttackPlan, exits: np.ndarray | None = None, num_exits: int = 0
+           ) -> Callable[[], None] | None:
+    """A shadow pacer for adaptive querying when both deployments are live (``mexit attack``); with the
+    shadow's true ``exits`` it also measures the host's drift and the per-exit centres
+    (:mod:`mexit.attacks.pacing`)."""
     if plan.query_budget is None:
         return None
-    from mexit.attacks.collect import ShadowPacer
+    from mexit.attacks.pacing import ShadowPacer
 
-    return ShadowPacer(shadow.client, shadow.queries.x, seed=plan.seed)
+    return ShadowPacer(shadow.client, shadow.queries.x, seed=plan.seed, exits=exits,
+                       num_exits=None if exits is None else num_exits)
 
 
 def adaptive_plan(plan: AttackPlan, shadow: Signals, *, pace: Callable[[], None] | None = None) -> Any:
@@ -377,8 +381,9 @@ def steal_exits(target: Signals, shadow: Signals, *, seed: int, stealer: str = "
     if shadow.true_exit is None:
         raise UserError("the shadow's signals hold no exits; collect them with its runtime (owner=...)")
     k = target.num_exits
-    res = run_stealers(target.latency_ns, shadow.latency_ns, shadow.true_exit, k, seed,
-                       adaptive="adaptive" in target.meta)
+    centres, counts = paced_centres(target)
+    res = run_stealers(target.drift_corrected_latency_ns(), shadow.latency_ns, shadow.true_exit, k, seed,
+                       adaptive="adaptive" in target.meta, centres=centres, centre_weights=counts)
     stolen = dict(res.stolen)
     if stealer not in stolen:
         raise ConfigError(f"unknown stealer {stealer!r}; choose one of {', '.join(sorted(stolen))}")
@@ -393,6 +398,17 @@ def steal_exits(target: Signals, shadow: Signals, *, seed: int, stealer: str = "
     return StealingResult(num_exits=k, stolen=stolen, scores=scores,
                           fits={n: _fit_json(f) for n, f in res.fits.items()}, query_planning=query_planning(target),
                           chosen=chosen, choice=res.describe(), shadow_exits=shadow_exits)
+
+
+def paced_centres(target: Signals) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The shadow's per-exit centres (and answers per exit) that the pacer measured while ``target`` was
+    queried adaptively (:mod:`mexit.attacks.pacing`), or (None, None) for a recording without them."""
+    cal = ((target.meta.get("adaptive") or {}).get("paced_with_shadow") or {})
+    cal = cal.get("calibration") if isinstance(cal, dict) else None
+    if target.latency_drift_ns is None or not cal:
+        return None, None
+    centres = np.array([np.nan if c is None else float(c) for c in cal["centres_ns"]])
+    return centres, np.asarray(cal["answers_per_exit"], dtype=np.float64)
 
 
 def _fit_json(fit: Any) -> dict[str, Any]:
@@ -501,9 +517,8 @@ def run_attack_flow(target: Side, shadow: Side, plan: AttackPlan, out: Path, *, 
     calibration = s.meta.get("calibration", {})
     t = collect_cached(out / "signals_target.npz", target.client, target.queries, plan, role="target",
                        owner=target.owner, white_box=target.white_box, calibration=calibration,
-                       num_exits=s.num_exits, adaptive=adaptive_plan(plan, s, pace=_pacer(shadow, plan)),
-                       references=references,
-                       progress=progress)
+                       num_exits=s.num_exits, references=references, progress=progress,
+                       adaptive=adaptive_plan(plan, s, pace=_pacer(shadow, plan, s.true_exit, s.num_exits)))
     s.check_compatible(t)
     s3 = None
     if 3 in plan.adversaries:

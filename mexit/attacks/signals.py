@@ -24,7 +24,7 @@ from mexit.errors import UserError
 SIGNALS_FORMAT = 1
 _ARRAYS = ("member", "true_label", "pred_label", "probs", "loss", "exit_index", "true_exit", "latency_ns",
            "embedding", "gradient", "label_only_score", "sample_index", "reference_score", "reference_in",
-           "reference_exit")
+           "reference_exit", "latency_drift_ns")
 #: Per-sample, per-reference-model arrays (n, R): what R reference models returned for each queried sample.
 REFERENCE_FIELDS = ("reference_score", "reference_in", "reference_exit")
 
@@ -45,6 +45,9 @@ class Signals:
     ``true_exit`` (n,) int64 or None: the exit actually taken (evaluation only, never an attack input
     unless the adversary is allowed it).
     ``latency_ns`` (n, R) int64 or None: all R round-trip times per sample, in query order.
+    ``latency_drift_ns`` (n, R) float64 or None: how much slower than usual the host answered at each of those
+    queries, measured on the attacker's own shadow queried in between (:mod:`mexit.attacks.pacing`; paced
+    adaptive querying only). :meth:`drift_corrected_latency_ns` subtracts it.
     ``embedding`` (n, E) float32 / ``gradient`` (n, G) float32 or None: white-box features of the taken exit.
     ``label_only_score`` (n,) float32 or None: a label-only attack's per-sample perturbation robustness
     (decision-boundary distance for images, random-flip stability for tabular rows), measured by querying.
@@ -74,6 +77,7 @@ class Signals:
     reference_score: np.ndarray | None = None
     reference_in: np.ndarray | None = None
     reference_exit: np.ndarray | None = None
+    latency_drift_ns: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,6 +110,13 @@ class Signals:
         if self.latency_ns is None:
             raise SignalsError("these signals hold no latencies; collect them with repeats >= 1")
         return np.nanmin(self.latency_ns, axis=1)  # adaptive querying pads unmade repeats with NaN
+
+    def drift_corrected_latency_ns(self) -> np.ndarray | None:
+        """``latency_ns`` less the host's drift at each query (``latency_drift_ns``) when it was measured, else
+        ``latency_ns``: the timings to compare with the shadow's on one clock."""
+        if self.latency_ns is None or self.latency_drift_ns is None:
+            return self.latency_ns
+        return np.asarray(self.latency_ns, dtype=np.float64) - self.latency_drift_ns
 
     def with_exits(self, exits: np.ndarray, source: str) -> Signals:
         """A copy whose observed ``exit_index`` is ``exits`` (e.g. stolen from latency), noting the source."""
@@ -148,8 +159,8 @@ class Signals:
             raise SignalsError(f"{what} disagree on the number of exits ({self.num_exits} vs {other.num_exits})")
         mine = {f.name for f in fields(self) if f.name in _ARRAYS and getattr(self, f.name) is not None}
         theirs = {f.name for f in fields(other) if f.name in _ARRAYS and getattr(other, f.name) is not None}
-        missing = (mine ^ theirs) - {"true_exit", "latency_ns", "embedding", "gradient", "label_only_score",
-                                     *REFERENCE_FIELDS}
+        missing = (mine ^ theirs) - {"true_exit", "latency_ns", "latency_drift_ns", "embedding", "gradient",
+                                     "label_only_score", *REFERENCE_FIELDS}
         if missing:
             raise SignalsError(f"{what} record different fields: {', '.join(sorted(missing))}")
 

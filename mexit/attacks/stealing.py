@@ -897,6 +897,50 @@ class ExitTimingModel:
                 best, best_ll = float(d), total
         return best, scale
 
+    def recentred(self, centres: np.ndarray, weights: np.ndarray | None = None) -> ExitTimingModel:
+        """A copy with exit centres measured on another clock blended in, e.g. today's, by the paced shadow
+        queries (:mod:`mexit.attacks.pacing`): ``centres`` (NaN: unknown) from ``weights`` queries each.
+
+        The two clocks differ by a constant: the precision-weighted mean difference over the exits both
+        measured. Every centre and the reference timings move by it (so the offset estimate stays on the new
+        clock), then each exit's centre is the query-weighted mean of the new measurement and the moved old one
+        (the recording's rare exits have few queries, the paced answers more). Centres stay non-decreasing
+        with depth (isotonic). A model of the fastest query (``statistic="min"``) has centres of another
+        statistic: it only moves by the clocks' difference, measured against its reference's medians.
+        """
+        new = np.asarray(centres, dtype=np.float64)
+        if new.shape != self.centres.shape:
+            raise InputError(f"need {self.num_exits} centres, got {new.shape}")
+        w_new = np.ones(self.num_exits) if weights is None else np.asarray(weights, dtype=np.float64)
+        base = self._query_centres() if self.statistic == "min" else self.centres
+        y = self._reference_exits()
+        w_old = np.ones(self.num_exits) if y is None else np.array(
+            [np.isfinite(self.reference[y == k]).sum() for k in range(self.num_exits)], dtype=np.float64)
+        both = np.isfinite(new) & np.isfinite(base) & (w_new > 0) & (w_old > 0)
+        if not both.any():
+            return replace(self)
+        h = w_new[both] * w_old[both] / (w_new[both] + w_old[both])
+        shift = float(np.sum(h * (new[both] - base[both])) / np.sum(h))
+        if self.statistic == "min":
+            return replace(self, centres=self.centres + shift, reference=self.reference + shift)
+        moved = self.centres + shift
+        have = np.isfinite(new) & (w_new > 0)
+        w_new = np.where(have, w_new, 0.0)
+        out = np.where(have, (w_new * np.nan_to_num(new) + w_old * moved) / np.maximum(w_new + w_old, 1e-12), moved)
+        from sklearn.isotonic import IsotonicRegression
+
+        out = IsotonicRegression().fit_transform(np.arange(self.num_exits), out,
+                                                 sample_weight=np.maximum(w_new + w_old, 1.0))
+        return replace(self, centres=out, reference=self.reference + shift)
+
+    def _query_centres(self) -> np.ndarray:
+        """Per-exit median of the reference's per-sample trimmed means (NaN without reference or exits)."""
+        y = self._reference_exits()
+        if y is None:
+            return np.full(self.num_exits, np.nan)
+        r = reduce_latencies(self.reference)
+        return np.array([np.median(r[y == k]) if (y == k).any() else np.nan for k in range(self.num_exits)])
+
     @property
     def num_exits(self) -> int:
         return len(self.centres)
@@ -1331,7 +1375,8 @@ ADAPTIVE_RULE = ("adaptive recording: the timing model whose sequential test dec
 
 
 def steal_exits(target_lat: np.ndarray, shadow_lat: np.ndarray, shadow_exits: np.ndarray, num_exits: int,
-                seed: int, *, offset: Offset = "shift", folds: int = 5, adaptive: bool = False) -> StealResult:
+                seed: int, *, offset: Offset = "shift", folds: int = 5, adaptive: bool = False,
+                centres: np.ndarray | None = None, centre_weights: np.ndarray | None = None) -> StealResult:
     """Exits stolen from ``target_lat`` by every stealer, plus ``chosen`` (adversary 2's pick).
 
     * ``kde-blind`` — the unsupervised KDE alone, clusters numbered by latency rank (adversary 3's).
@@ -1353,6 +1398,9 @@ def steal_exits(target_lat: np.ndarray, shadow_lat: np.ndarray, shadow_exits: np
 
     ``offset``: ``"shift"`` (default) estimates a constant offset between shadow and target timings,
     ``"affine"`` also a scale, ``"none"`` trusts absolute times (:meth:`ExitTimingModel.estimate_offset`).
+    ``centres``: per-exit centres measured while the target was queried (the pacer's,
+    :mod:`mexit.attacks.pacing`; NaN where unknown), for the likelihood model (:meth:`ExitTimingModel.recentred`);
+    pass the target's drift-corrected timings with them.
     """
     if offset not in ("shift", "affine", "none"):
         raise InputError(f"offset must be 'shift', 'affine' or 'none', got {offset!r}")
@@ -1363,6 +1411,8 @@ def steal_exits(target_lat: np.ndarray, shadow_lat: np.ndarray, shadow_exits: np
     red = choice.settings
     timing = ExitTimingModel.fit(shadow_lat, shadow_exits, num_exits, seed=seed,
                                  statistic=_statistic(red["likelihood"]))
+    if centres is not None:
+        timing = timing.recentred(centres, centre_weights)
     off = (0.0, 1.0) if offset == "none" else timing.estimate_offset(
         target_lat, affine=offset == "affine", reduce=red.get(choice.name, "trimmed"))  # type: ignore[arg-type]
     timing.offset = off
