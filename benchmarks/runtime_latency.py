@@ -22,7 +22,9 @@ Measures, all in one run so that machine drift affects every side alike:
   the FLOPs;
 * batch-64 and batch-256 throughput with per-sample exits vs the full-depth graph, against the FLOPs
   prediction, and one stage's time per call at 1–256 rows (why dropping rows saves less than their FLOPs);
-* the runtime's own Python per batch-1 call, warm and with cold caches (the model call stubbed out).
+* the runtime's own Python per batch-1 call, warm and with cold caches (the model call stubbed out);
+* the realised speed-up and the throughput again with the stages as exported (``skip_conv=False``), i.e.
+  without the rewrite that keeps residual stages in ONNX Runtime's blocked layout (:mod:`mexit.runtime.layout`).
 
 Goals: realised/predicted >= 0.9 at batch 1; overhead <= 30 µs per stage; batched gain >= 0.8 x predicted.
 The JSON records the load average before and after (timings on a shared machine are only comparable as
@@ -395,6 +397,12 @@ def main() -> None:
     }
     record["realised_speedup_batch1"] = realised_speedup(rt, x, full, args.repeats, rng)
     record["throughput"] = [batched_throughput(rt, x, full, b, args.repeats * 2) for b in (64, 256)]
+    # the same measurements without the blocked-layout rewrite of the stages (mexit.runtime.layout), same run
+    plain = EarlyExitRuntime(bundle_dir, threshold=args.threshold, threads=args.threads, skip_conv=False)
+    plain.warmup(5)
+    record["without_skip_conv"] = {
+        "realised_speedup_batch1": realised_speedup(plain, x, full, args.repeats, rng),
+        "throughput": [batched_throughput(plain, x, full, b, args.repeats * 2) for b in (64, 256)]}
     record["runtime_wrapper_batch1"] = wrapper_cost(rt, x[:1], rounds=args.rounds)
     record["stage_cost_by_rows"] = stage_cost_by_rows(bare_loop(bundle_dir, opts), x, rounds=max(20, args.rounds // 5))
     record["load_average_1_5_15"] = {"before": list(load_before), "after": list(os.getloadavg()),
