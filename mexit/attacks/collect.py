@@ -579,14 +579,21 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
     pacer = plan.pace if plan.calibrating else None
     if pacer is not None and len(state.pacer_rows):
         pacer.restore(state.pacer_rows, state.pacer_rtt, sent=len(state.pacer_rows))  # type: ignore[attr-defined]
+    believed = np.full(n, -1, dtype=np.int64)  # the exit each sample is believed to take, refreshed each round
+    previous = [-1]
     if plan.pace is not None:
         pace, target_send = plan.pace, send
+        mirrored = isinstance(pace, ShadowPacer) and pace.calibrates
 
         def send(i: int) -> Any:  # the target's query, then one to the shadow: the recording's traffic mix
             try:
                 return target_send(i)
             finally:
-                pace()
+                if mirrored:  # the exit of the target query before this one (ShadowPacer: mirror one late)
+                    pace(int(previous[0]) if previous[0] >= 0 else None)  # type: ignore[call-arg]
+                    previous[0] = believed[i]
+                else:
+                    pace()
     informative = model.informative()
     if not informative:
         logger.warning("the shadow's timings do not separate its exits (constant-time padding?): each target "
@@ -621,6 +628,9 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
             lat, judge = _latencies(state), model
             if r >= first and pacer is not None:
                 judge, lat = _calibrated(model, pacer, state)
+            seen = np.isfinite(lat).any(axis=1)
+            if seen.any():
+                believed[seen] = replace(judge, offset=model.offset).predict(lat[seen])
             if r == first and plan.offset:
                 if "offset" not in state.extra:
                     reduce = "min" if model.statistic == "min" else "trimmed"  # the statistic the model judges

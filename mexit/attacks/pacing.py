@@ -13,10 +13,15 @@ timings taken *at the same moments* as the target's:
 * the **per-exit centres** on today's clock (``exits``), to blend with the shadow recording's: a fixed
   recording of 200 shadow samples held 1–4 samples of the rare exits, whose centres were off by 100–250 µs.
 
-The pacer sends the shadow's samples in their natural exit mix. Sending every exit equally often (tried
-first) changed the host's traffic: the target's deepest exit then answered 0.1–0.34 ms faster than the
-shadow's, while the shallow exits agreed (two recordings, ``docs/results.md``) — a deep query after a
-shallow one finds more of its weights in cache — so the paced centres no longer described the target.
+Which shadow sample the pacer sends matters, because a query's time depends on the query before it (a deep
+query after a shallow one finds more of its weights in cache). Sending every exit equally often made the
+target's deepest exit answer 0.1–0.34 ms faster than the shadow's; sending the shadow's natural mix while
+adaptive querying moves the target's own mix to the rare exits made the target's rare deep exits 0.2–0.35 ms
+slower than the paced centres (``docs/results.md``). So the pacer *mirrors the target one query late*: after
+target query k it sends a shadow sample of the exit the attacker believes target query k−1 took. Then a
+target query and a paced query of the same exit are both preceded by a query whose exit is an independent
+draw from the target's current mix — the same conditions — and the exits the target is being asked about
+most (the uncertain, often rare ones) get the most paced answers.
 
 :func:`calibrate` estimates both from the answers (alternating: centres from drift-corrected answers, drift
 as a running median of the answers' residuals around their centres), and :meth:`PacerCalibration.at` gives
@@ -151,10 +156,12 @@ class ShadowPacer:
     stole worse in both recordings tried (0.59 and 0.73 balanced at budget 20, against 0.90–0.98 with
     ``share=1``; ``docs/results.md``), so every target query is paced by default.
 
-    Rows are cycled in a seeded random order (the shadow's natural exit mix: see the module's docstring).
     ``exits``: the shadow's true exit for each row of ``x`` (the attacker ran its own model); with it,
     :meth:`calibration` measures the drift and the per-exit centres on the answers, without it the pacer only
-    paces.
+    paces. Which row is sent: called with ``exit_hint`` (the exit the attacker believes the *previous* target
+    query took; :class:`~mexit.attacks.collect.Adaptive` passes it), the next row of that exit, so the pacer
+    mirrors the target's traffic one query late (see the module docstring); without a hint, or for an exit
+    the shadow never takes, the next row of a seeded random cycle over all rows (the shadow's natural mix).
     """
 
     def __init__(self, client: Any, x: np.ndarray, *, seed: int = 0, share: float = 1.0,
@@ -170,6 +177,9 @@ class ShadowPacer:
         self.exits = None if exits is None else np.asarray(exits, dtype=np.int64)
         self.num_exits = int(num_exits if num_exits is not None else (0 if exits is None else self.exits.max() + 1))
         self._order = rng.permutation(len(x))
+        self._by_exit = {} if self.exits is None else {
+            int(k): rng.permutation(np.flatnonzero(self.exits == k)) for k in np.unique(self.exits)}
+        self._turns: dict[int | None, int] = {}
         self._coin = rng
         self.sent = 0
         self.failed = 0
@@ -182,11 +192,19 @@ class ShadowPacer:
         """Whether the answers are labelled with exits, so :meth:`calibration` can measure drift and centres."""
         return self.exits is not None
 
-    def __call__(self) -> None:
+    def _row(self, exit_hint: int | None) -> int:
+        cycle = self._by_exit.get(exit_hint) if exit_hint is not None else None
+        key = exit_hint if cycle is not None else None
+        cycle = cycle if cycle is not None else self._order
+        turn = self._turns.get(key, 0)
+        self._turns[key] = turn + 1
+        return int(cycle[turn % len(cycle)])
+
+    def __call__(self, exit_hint: int | None = None) -> None:
         self.last = -1
         if self.share < 1 and self._coin.random() >= self.share:
             return
-        i = int(self._order[self.sent % len(self._order)])
+        i = self._row(exit_hint)
         self.sent += 1
         try:
             res = self.client.infer(self.x[i : i + 1])

@@ -83,6 +83,21 @@ def test_pacer_cycles_the_shadow_rows_and_calibrates_once_it_has_enough_answers(
         ShadowPacer(shadow, x, exits=exits[:5])
 
 
+def test_pacer_mirrors_the_exit_it_is_told_and_falls_back_to_the_natural_cycle() -> None:
+    x = np.random.default_rng(1).standard_normal((12, 4)).astype(np.float32)
+    exits = np.r_[np.zeros(8, int), np.ones(3, int), [2]]
+    shadow = _Shadow(exits, x)
+    pacer = ShadowPacer(shadow, x, seed=0, exits=exits, num_exits=4)
+    for hint in [1] * 6 + [2] * 3:  # the exit the attacker believes the previous target query took
+        pacer(hint)
+    assert exits[shadow.seen].tolist() == [1] * 6 + [2] * 2  # the 7th call failed
+    assert sorted(shadow.seen[:3]) == [8, 9, 10]  # the rows of exit 1 in turn
+    before = len(shadow.seen)
+    for hint in (None, 3, None):  # no belief yet, or an exit the shadow never takes: the natural cycle
+        pacer(hint)
+    assert len(shadow.seen) == before + 3
+
+
 def test_drift_coupling_tells_a_target_on_the_shadows_host_from_one_elsewhere() -> None:
     rng = np.random.default_rng(4)
     n, reps = 200, 6
@@ -166,6 +181,15 @@ def test_drift_correction_follows_a_drifting_host_and_leaves_a_target_elsewhere_
         used = replace(used.recentred(np.array(cal["centres_ns"], dtype=float), np.array(cal["answers_per_exit"])),
                        offset=used.offset)
         assert (used.predict(sig.drift_corrected_latency_ns()) == sig.true_exit).mean() >= 0.93
+        # the pacer mirrored the target's traffic (the exits it believed the target queries took): its answers
+        # per exit are nearer the target's queries per exit than the shadow's own mix is
+        asked = np.bincount(np.repeat(sig.true_exit, np.isfinite(sig.latency_ns).sum(axis=1)), minlength=3)
+        paced, natural = np.array(cal["answers_per_exit"]), np.bincount(shadow.true_exit, minlength=3)
+
+        def tv(a: np.ndarray, b: np.ndarray) -> float:
+            return float(np.abs(a / a.sum() - b / b.sum()).sum() / 2)
+
+        assert tv(paced, asked) < tv(natural, asked)
     elif setting == "one offset":
         assert sig.latency_drift_ns is None and not info["drift_correction"]
         assert (used.predict(sig.latency_ns) == sig.true_exit).mean() < 0.9  # cannot follow the host
