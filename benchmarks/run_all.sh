@@ -24,9 +24,9 @@ python benchmarks/adversary2_stealing.py --target-bundle /tmp/a2/tb --target-run
   --shadow-bundle /tmp/a2/sb --shadow-run /tmp/a2/s --kinds plain,jittery --samples 200 --repeats 10 \
   --budgets 3,5,10,20 --unpaced-budgets 5,20 --save-signals runs/a2-signals --out $R/adversary2_stealing_rec8.json
 python benchmarks/adversary2_hybrid.py --signals runs/a2-signals --out $R/adversary2_hybrid_rec8.json
-# the jittery goal with the mirrored pacer and drift correction (docs/results.md, session 5), and its controls
+# the jittery goal with the mirrored pacer and drift correction (docs/results.md, session 5), and its control
 for s in 14 15 16 17; do
-  for mode in mirror mirror_nodrift; do
+  for mode in final mirror_nodrift; do
     python benchmarks/adversary2_stealing.py --target-bundle /tmp/a2/tb --target-run /tmp/a2/t \
       --shadow-bundle /tmp/a2/sb --shadow-run /tmp/a2/s --kinds jittery --samples 200 --repeats 10 --budgets 20 \
       --seed $s $([ $mode = mirror_nodrift ] && echo --no-drift-correction) --out $R/adversary2_stealing_${mode}_n200_s$s.json

@@ -27,7 +27,8 @@ most (the uncertain, often rare ones) get the most paced answers.
 as a running median of the answers' residuals around their centres), and :meth:`PacerCalibration.at` gives
 the drift at each target query, so the target's timings are compared with the shadow's on one clock.
 :func:`drift_coupling` checks on the target's own repeats that it does move with the shadow's host (a
-target on another machine would not, and correcting it would only add the pacer's noise).
+target on another machine would not, and correcting it would only add the pacer's noise), and by how much: the
+target is corrected by the drift times that slope, clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -73,11 +74,14 @@ class PacerCalibration:
 
     def at(self, answer_index: np.ndarray) -> np.ndarray:
         """The drift at target queries followed by the paced answers ``answer_index`` (-1: none followed, e.g.
-        the shadow query failed, or the query was recorded before a resume without its pacer log: 0)."""
+        the shadow query failed, or the query was recorded before a resume without its pacer log: 0; an answer
+        made after this calibration: its latest drift)."""
         idx = np.asarray(answer_index, dtype=np.int64)
         out = np.zeros(idx.shape, dtype=np.float64)
-        ok = (idx >= 0) & (idx < len(self.drift))
-        out[ok] = self.drift[idx[ok]]
+        if not len(self.drift):
+            return out
+        ok = idx >= 0
+        out[ok] = self.drift[np.minimum(idx[ok], len(self.drift) - 1)]
         return out
 
     def describe(self) -> dict[str, Any]:
