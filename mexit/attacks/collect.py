@@ -50,7 +50,7 @@ import numpy as np
 from scipy import stats
 
 from mexit._io import load_npz, provenance, save_npz
-from mexit.attacks.pacing import RETRYABLE, PacerCalibration, ShadowPacer, drift_coupling, moves_with_host
+from mexit.attacks.pacing import RETRYABLE, PacerCalibration, ShadowPacer, target_drift
 from mexit.attacks.signals import Signals, SignalsError, cross_entropy
 from mexit.attacks.stealing import ExitTimingModel, replay_sequential, sequential_stop
 from mexit.runtime.types import Runtime
@@ -111,11 +111,12 @@ class _Progress:
         self.lost = 0
         self.retried = 0
         self.extra: dict[str, Any] = {}  # adaptive querying: the offset estimated after the first rounds
-        # paced adaptive querying: the index of the shadow answer that followed each target query, and the
-        # pacer's answers (shadow row, round-trip ns), so a resumed run keeps measuring the drift on one log
+        # paced adaptive querying: the index of the shadow answer that followed each target query; the pacer
+        # whose answers (shadow row, round-trip ns) the checkpoint keeps, and those read back from one, so a
+        # resumed run keeps measuring the drift on one log
         self.pace_at = np.full((n, repeats), -1, dtype=np.int64)
-        self.pacer_rows = np.empty(0, dtype=np.int64)
-        self.pacer_rtt = np.empty(0, dtype=np.int64)
+        self.pacer: ShadowPacer | None = None
+        self.loaded_pacer: tuple[np.ndarray, np.ndarray] | None = None
 
     def done(self) -> int:
         return int((self.latency >= 0).sum())
@@ -127,8 +128,9 @@ class _Progress:
                   "inconsistent": self.inconsistent}
         if self.probs is not None:
             arrays["probs"] = self.probs
-        if (self.pace_at >= 0).any():
-            arrays.update(pace_at=self.pace_at, pacer_rows=self.pacer_rows, pacer_rtt=self.pacer_rtt)
+        if self.pacer is not None and (self.pace_at >= 0).any():
+            rows, rtt = self.pacer.answers
+            arrays.update(pace_at=self.pace_at, pacer_rows=rows, pacer_rtt=rtt)
         save_npz(path, arrays, header)
 
     @classmethod
@@ -154,7 +156,7 @@ class _Progress:
         prog.inconsistent = arrays["inconsistent"]
         prog.probs = arrays.get("probs")
         if "pace_at" in arrays:
-            prog.pace_at, prog.pacer_rows, prog.pacer_rtt = arrays["pace_at"], arrays["pacer_rows"], arrays["pacer_rtt"]
+            prog.pace_at, prog.loaded_pacer = arrays["pace_at"], (arrays["pacer_rows"], arrays["pacer_rtt"])
         prog.outputs = list(header.get("outputs", []))
         prog.retried = int(header.get("retried", 0))
         prog.extra = dict(header.get("extra", {}))
@@ -338,18 +340,14 @@ def collect_signals(
                     repeats=repeats, warmup=warmup, seed=seed, num_exits=num_exits, num_classes=num_classes,
                     target=fingerprint["target"])
     if adaptive is not None:
-        sig.meta["adaptive"] = _adaptive_report(state, adaptive)
+        cal = adaptive.pace.calibration() if adaptive.calibrating else None  # type: ignore[union-attr]
+        sig.meta["adaptive"] = _adaptive_report(state, adaptive, cal)
         sig.meta["repeats"] = None  # a different number per sample: see meta["adaptive"] and the NaN padding
-        cal = _final_calibration(state, adaptive)
         if cal is not None and sig.latency_ns is not None:
-            drift = np.where(np.isfinite(sig.latency_ns), cal.at(state.pace_at[:, : sig.latency_ns.shape[1]]), np.nan)
-            beta, se, used = drift_coupling(sig.latency_ns, drift)
-            coupled = moves_with_host(sig.latency_ns, drift)
-            sig.meta["adaptive"]["drift_coupling"] = {
-                "slope": None if not np.isfinite(beta) else round(beta, 3),
-                "se": None if not np.isfinite(se) else round(se, 3), "queries": used, "corrected": coupled}
-            if coupled:  # the stealers read the drift-corrected timings (Signals.drift_corrected_latency_ns)
-                sig = replace(sig, latency_drift_ns=drift * _share(beta))
+            drift, coupling = target_drift(sig.latency_ns, cal, state.pace_at[:, : sig.latency_ns.shape[1]])
+            sig.meta["adaptive"]["drift_coupling"] = coupling.describe()
+            if drift is not None:  # the stealers read the drift-corrected timings (drift_corrected_latency_ns)
+                sig = replace(sig, latency_drift_ns=drift)
     return sig
 
 
@@ -452,9 +450,6 @@ def _check_outputs(outputs: Sequence[str], require: Sequence[str]) -> None:
                                f"{_HOW_TO_EXPOSE.get(name, 'this attack cannot run against it')}")
 
 
-_RETRYABLE = RETRYABLE
-
-
 def _send_with_retry(send: Callable[[int], Any], i: int, state: _Progress, opts: _Options) -> Any | None:
     """One query, retried with exponential backoff on a server error (5xx) or no answer; None when lost.
 
@@ -471,7 +466,7 @@ def _send_with_retry(send: Callable[[int], Any], i: int, state: _Progress, opts:
             if exc.status < 500 or not state.outputs:
                 raise
             problem: Exception = exc
-        except _RETRYABLE as exc:
+        except RETRYABLE as exc:
             if not state.outputs:
                 raise
             problem = exc
@@ -576,9 +571,11 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
     from tqdm.auto import tqdm
 
     model = replace(plan.model)
-    pacer = plan.pace if plan.calibrating else None
-    if pacer is not None and len(state.pacer_rows):
-        pacer.restore(state.pacer_rows, state.pacer_rtt, sent=len(state.pacer_rows))  # type: ignore[attr-defined]
+    pacer: ShadowPacer | None = plan.pace if plan.calibrating else None  # type: ignore[assignment]
+    if pacer is not None:
+        if state.loaded_pacer is not None:
+            pacer.restore(*state.loaded_pacer)
+        state.pacer = pacer  # the checkpoint keeps its answers
     believed = np.full(n, -1, dtype=np.int64)  # the exit each sample is believed to take, refreshed each round
     previous = [-1]
     if plan.pace is not None:
@@ -625,22 +622,22 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
         for r in range(plan.width):
             if r >= first and not informative:
                 break
-            lat, judge = _latencies(state), model
+            lat, judge = _latencies(state), replace(model)
             if r >= first and pacer is not None:
-                judge, lat = _calibrated(model, pacer, state)
-            seen = np.isfinite(lat).any(axis=1)
-            if seen.any():
-                believed[seen] = replace(judge, offset=model.offset).predict(lat[seen])
+                judge, lat = _calibrated(model, pacer.calibration(), state)
             if r == first and plan.offset:
                 if "offset" not in state.extra:
                     reduce = "min" if model.statistic == "min" else "trimmed"  # the statistic the model judges
                     state.extra["offset"] = list(judge.estimate_offset(lat, reduce=reduce))
                 model.offset = tuple(state.extra["offset"])  # type: ignore[assignment]
             judge.offset = model.offset
+            post = _posterior(judge, lat)  # one posterior a round: the beliefs the pacer mirrors, and the test
+            seen = np.isfinite(post[:, 0])
+            believed[seen] = np.argmax(post[seen], axis=1)
             todo = _round_order(seed, r, n)
             todo = todo[~state.attempted[todo, r]]
             if r >= first:
-                _, confident = sequential_stop(judge, lat[todo], plan.confidence)
+                confident = post[todo].max(axis=1) >= plan.confidence  # sequential_stop's rule
                 todo = todo[~confident & state.attempted[todo, r - 1]]  # still uncertain, and asked last round
             if not len(todo):
                 if state.attempted[:, r].any():  # this round was done before the run was resumed
@@ -653,8 +650,6 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
         if informative and plan.spend_budget:
             _spend_rest(ask, state, plan, model, pacer, budget)
     finally:
-        if pacer is not None:
-            state.pacer_rows, state.pacer_rtt = pacer.answers  # type: ignore[attr-defined]
         bar.close()
         saver.close()
 
@@ -670,9 +665,9 @@ def _spend_rest(ask: Callable[[int, int], None], state: _Progress, plan: Adaptiv
     """
     level = plan.confidence
     while int(state.attempted.sum()) < budget and level < 1 - 1e-6:
-        judge, lat = (_calibrated(model, pacer, state) if pacer is not None else (replace(model), _latencies(state)))
+        judge, lat = _calibrated(model, None if pacer is None else pacer.calibration(), state)
         judge.offset = model.offset
-        post, _ = sequential_stop(judge, lat, 0.5)
+        post = np.nan_to_num(_posterior(judge, lat), nan=0.0)  # a sample never answered: least certain
         slots = state.attempted.sum(axis=1)
         todo = np.flatnonzero((post.max(axis=1) < level) & (slots < plan.width))
         if not len(todo):
@@ -687,34 +682,25 @@ def _spend_rest(ask: Callable[[int, int], None], state: _Progress, plan: Adaptiv
             ask(int(i), int(slots[i]))
 
 
-def _calibrated(model: ExitTimingModel, pacer: ShadowPacer, state: _Progress
+def _calibrated(model: ExitTimingModel, cal: PacerCalibration | None, state: _Progress
                 ) -> tuple[ExitTimingModel, np.ndarray]:
     """The model with the pacer's per-exit centres blended in and the target's latencies less the host's drift
-    at their moment — when the target's own repeats move with that drift (:func:`moves_with_host`); else
-    ``model`` and the raw latencies (too few paced answers yet, or a target on another host)."""
-    state.pacer_rows, state.pacer_rtt = pacer.answers
-    cal = pacer.calibration()
+    at their moment — when the target's own repeats move with that drift (:func:`~mexit.attacks.pacing.
+    target_drift`); else ``model`` and the raw latencies (no calibration yet, or a target on another host)."""
     lat = _latencies(state)
-    if cal is None:
+    drift = None if cal is None else target_drift(lat, cal, state.pace_at)[0]
+    if drift is None:
         return replace(model), lat
-    drift = np.where(np.isfinite(lat), cal.at(state.pace_at), np.nan)
-    beta, se, used = drift_coupling(lat, drift)
-    coupled = moves_with_host(lat, drift)
-    state.extra["drift_coupling"] = {"slope": None if not np.isfinite(beta) else round(beta, 3),
-                                     "se": None if not np.isfinite(se) else round(se, 3), "queries": used,
-                                     "corrected": coupled}
-    if not coupled:
-        return replace(model), lat
-    return model.recentred(cal.centres, cal.counts), lat - drift * _share(beta)
+    return model.recentred(cal.centres, cal.counts), lat - drift  # type: ignore[union-attr]
 
 
-def _share(slope: float) -> float:
-    """How much of the pacer's drift the target feels: its coupling slope, within [0, 1].
-
-    The slope is the least-squares prediction of the target's own excess from the pacer's drift; a target that
-    moves with only part of it (slope 0.35 on one plain-server recording, where correcting by all of it cost
-    0.10 balanced accuracy and correcting by the slope gained 0.02) is corrected by that part."""
-    return float(np.clip(slope, 0.0, 1.0))
+def _posterior(model: ExitTimingModel, lat: np.ndarray) -> np.ndarray:
+    """(n, num_exits) posterior over exits, NaN rows for samples without a recorded query."""
+    seen = np.isfinite(lat).any(axis=1)
+    post = np.full((len(lat), model.num_exits), np.nan)
+    if seen.any():
+        post[seen] = model.posterior(lat[seen])
+    return post
 
 
 def _shadow_plan(plan: Adaptive) -> dict[str, Any] | None:
@@ -728,22 +714,10 @@ def _shadow_plan(plan: Adaptive) -> dict[str, Any] | None:
                              min_queries=plan.min_queries)
 
 
-def _final_calibration(state: _Progress, plan: Adaptive) -> PacerCalibration | None:
-    """The pacer's drift and centres over all its answers (None without a calibrating pacer)."""
-    if not plan.calibrating:
-        return None
-    pacer = plan.pace
-    assert isinstance(pacer, ShadowPacer)
-    if not len(pacer.answers[0]) and len(state.pacer_rows):  # a finished run re-opened from its checkpoint
-        pacer.restore(state.pacer_rows, state.pacer_rtt, sent=len(state.pacer_rows))
-    return pacer.calibration()
-
-
-def _adaptive_report(state: _Progress, plan: Adaptive) -> dict[str, Any]:
-    """Queries spent per sample and how many samples ended confident, for ``meta["adaptive"]``."""
-    model, lat = replace(plan.model), _latencies(state)
-    if plan.calibrating:
-        model, lat = _calibrated(model, plan.pace, state)  # type: ignore[arg-type]
+def _adaptive_report(state: _Progress, plan: Adaptive, cal: PacerCalibration | None) -> dict[str, Any]:
+    """Queries spent per sample and how many samples ended confident, for ``meta["adaptive"]``; ``cal``: the
+    pacer's calibration over all its answers (None without a calibrating pacer)."""
+    model, lat = _calibrated(plan.model, cal, state)
     if "offset" in state.extra:
         model.offset = tuple(state.extra["offset"])  # type: ignore[assignment]
     ok = np.isfinite(lat).any(axis=1)
@@ -758,7 +732,7 @@ def _adaptive_report(state: _Progress, plan: Adaptive) -> dict[str, Any]:
             "first_decision_round": state.extra.get("first_decision_round"),
             "drift_correction": plan.calibrating,
             "stricter_confidence": state.extra.get("stricter_confidence", []),
-            "paced_with_shadow": plan.pace.report() if isinstance(plan.pace, ShadowPacer) else plan.pace is not None,
+            "paced_with_shadow": plan.pace.report(cal) if isinstance(plan.pace, ShadowPacer) else plan.pace is not None,
             "timing_informative": plan.model.informative()}
 
 

@@ -37,12 +37,13 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
 from mexit.attacks.signals import SignalsError
+from mexit.attacks.stealing import exit_medians
 from mexit.serve.client import ServerError, ServerUnreachableError
 
 logger = logging.getLogger(__name__)
@@ -106,18 +107,41 @@ def calibrate(rtt_ns: np.ndarray, exits: np.ndarray, num_exits: int, *, window: 
         raise SignalsError(f"need one exit per paced answer, got {t.shape} answers and {y.shape} exits")
     counts = np.bincount(y, minlength=num_exits)[:num_exits]
     drift = np.zeros(len(t))
-    centres = np.full(num_exits, np.nan)
     window = max(1, min(int(window), len(t) | 1))
     for _ in range(iterations):
-        for k in range(num_exits):
-            if counts[k]:
-                centres[k] = np.median(t[y == k] - drift[y == k])
+        centres = exit_medians(t - drift, y, num_exits)
         drift = ndimage.median_filter(t - centres[y], size=window, mode="nearest")
     centres[counts < MIN_ANSWERS_PER_EXIT] = np.nan
     return PacerCalibration(centres=centres, counts=counts, drift=drift, window=window)
 
 
-def drift_coupling(latencies: np.ndarray, drift: np.ndarray) -> tuple[float, float, int]:
+class Coupling(NamedTuple):
+    """How the target's timings move with the pacer's drift (:func:`drift_coupling`)."""
+
+    slope: float
+    se: float
+    queries: int
+
+    def moves(self, z: float = 2.0) -> bool:
+        """Whether the slope is ``z`` standard errors above 0 (and the drift varies at all)."""
+        return bool(np.isfinite(self.slope) and np.isfinite(self.se) and self.slope - z * self.se > 0)
+
+    @property
+    def share(self) -> float:
+        """The part of the pacer's drift to take off the target: the slope within [0, 1], 0 if it does not move.
+
+        The slope is the least-squares prediction of the target's own excess from the pacer's drift; a target
+        that moves with only part of it (slope 0.35 on one plain-server recording, where correcting by all of
+        it read 0.842 balanced, by the slope's share 0.962, uncorrected 0.940) is corrected by that part."""
+        return float(np.clip(self.slope, 0.0, 1.0)) if self.moves() else 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {"slope": None if not np.isfinite(self.slope) else round(self.slope, 3),
+                "se": None if not np.isfinite(self.se) else round(self.se, 3), "queries": self.queries,
+                "corrected": self.moves()}
+
+
+def drift_coupling(latencies: np.ndarray, drift: np.ndarray) -> Coupling:
     """How the target's timings move with the pacer's drift: (slope, its standard error, queries used).
 
     Within-sample least squares: each sample's repeats less their mean, against the drift at those queries
@@ -130,25 +154,35 @@ def drift_coupling(latencies: np.ndarray, drift: np.ndarray) -> tuple[float, flo
     t, g = np.where(ok, t, np.nan), np.where(ok, g, np.nan)
     rows = ok.sum(axis=1) >= 2
     if not rows.any():
-        return math.nan, math.inf, 0
+        return Coupling(math.nan, math.inf, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         r = (t[rows] - np.nanmean(t[rows], axis=1, keepdims=True))[ok[rows]]
         d = (g[rows] - np.nanmean(g[rows], axis=1, keepdims=True))[ok[rows]]
     sxx = float(d @ d)
     if not sxx > 0:
-        return math.nan, math.inf, len(r)
+        return Coupling(math.nan, math.inf, len(r))
     beta = float(d @ r) / sxx
     dof = max(len(r) - int(rows.sum()) - 1, 1)
     resid = r - beta * d
-    return beta, math.sqrt(float(resid @ resid) / dof / sxx), len(r)
+    return Coupling(beta, math.sqrt(float(resid @ resid) / dof / sxx), len(r))
 
 
 def moves_with_host(latencies: np.ndarray, drift: np.ndarray, z: float = 2.0) -> bool:
     """Whether the target's timings follow the pacer's drift: the coupling slope is ``z`` standard errors
     above 0 (and the drift varies at all)."""
-    beta, se, _ = drift_coupling(latencies, drift)
-    return bool(np.isfinite(beta) and np.isfinite(se) and beta - z * se > 0)
+    return drift_coupling(latencies, drift).moves(z)
+
+
+def target_drift(latencies: np.ndarray, cal: PacerCalibration, answer_index: np.ndarray
+                 ) -> tuple[np.ndarray | None, Coupling]:
+    """The drift to take off each target query (NaN where no query was made), or None when the target does
+    not move with the pacer's host; and the coupling that decided it. ``answer_index``: the paced answer that
+    followed each query (:meth:`PacerCalibration.at`)."""
+    lat = np.asarray(latencies, dtype=np.float64)
+    drift = np.where(np.isfinite(lat), cal.at(answer_index), np.nan)
+    coupling = drift_coupling(lat, drift)
+    return (drift * coupling.share if coupling.moves() else None), coupling
 
 
 class ShadowPacer:
@@ -227,10 +261,10 @@ class ShadowPacer:
         """(shadow row, round-trip ns) of every answered pacing query, in the order sent."""
         return np.asarray(self._rows, dtype=np.int64), np.asarray(self._rtt, dtype=np.int64)
 
-    def restore(self, rows: np.ndarray, rtt_ns: np.ndarray, sent: int) -> None:
-        """Continue after a resumed collection: the answers and queries sent before it was interrupted."""
+    def restore(self, rows: np.ndarray, rtt_ns: np.ndarray) -> None:
+        """Continue after a resumed collection: the answers recorded before it was interrupted."""
         self._rows, self._rtt = [int(r) for r in rows], [int(t) for t in rtt_ns]
-        self.sent = max(int(sent), len(self._rows))
+        self.sent = max(self.sent, len(self._rows))
 
     def calibration(self, window: int = DRIFT_WINDOW) -> PacerCalibration | None:
         """Drift and per-exit centres on the answers so far (:func:`calibrate`); None without exits, or until
@@ -241,9 +275,10 @@ class ShadowPacer:
         cal = calibrate(rtt, self.exits[rows], self.num_exits, window=window)
         return cal if np.isfinite(cal.centres).sum() >= 2 else None
 
-    def report(self) -> dict[str, Any]:
+    def report(self, calibration: PacerCalibration | None = None) -> dict[str, Any]:
+        """Queries sent, failed and answered, and the calibration (``calibration``, else computed now)."""
         out: dict[str, Any] = {"sent": self.sent, "failed": self.failed, "answered": len(self._rows)}
-        cal = self.calibration()
+        cal = calibration if calibration is not None else self.calibration()
         if cal is not None:
             out["calibration"] = cal.describe()
         return out

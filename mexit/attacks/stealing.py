@@ -798,14 +798,10 @@ class ExitTimingModel:
         y = np.asarray(exits, dtype=np.int64)
         if y.shape != (len(t),) or ((y < 0) | (y >= num_exits)).any():
             raise InputError(f"need one exit in [0, {num_exits - 1}] per shadow sample ({len(t)}), got {y.shape}")
-        per_sample = reduce_latencies(t)
-        known = np.array([np.median(per_sample[y == k]) if (y == k).any() else np.nan for k in range(num_exits)])
+        known = exit_medians(reduce_latencies(t), y, num_exits)
         used = np.isfinite(known)
         if used.sum() >= 2:  # deeper exits run more of the network: centres never decrease with depth
-            from sklearn.isotonic import IsotonicRegression
-
-            counts = np.bincount(y, minlength=num_exits)[used]
-            known[used] = IsotonicRegression().fit_transform(np.flatnonzero(used), known[used], sample_weight=counts)
+            known[used] = _non_decreasing(known[used], np.bincount(y, minlength=num_exits)[used])
         centres = _fill_centres(known, known[used]) if used.sum() < num_exits else known
         res = (t - centres[y][:, None])[np.isfinite(t)]
         rng = np.random.default_rng(seed)
@@ -834,14 +830,10 @@ class ExitTimingModel:
         if y.shape != (len(t),) or ((y < 0) | (y >= num_exits)).any():
             raise InputError(f"need one exit in [0, {num_exits - 1}] per shadow sample ({len(t)}), got {y.shape}")
         base = cls._fit_query(t, y, num_exits, seed=seed, noise="empirical")  # reference, shares, informativeness
-        per_sample = reduce_latencies(t, "min")
-        known = np.array([np.median(per_sample[y == k]) if (y == k).any() else np.nan for k in range(num_exits)])
+        known = exit_medians(reduce_latencies(t, "min"), y, num_exits)
         used = np.isfinite(known)
         if used.sum() >= 2:
-            from sklearn.isotonic import IsotonicRegression
-
-            known[used] = IsotonicRegression().fit_transform(np.flatnonzero(used), known[used],
-                                                             sample_weight=np.bincount(y, minlength=num_exits)[used])
+            known[used] = _non_decreasing(known[used], np.bincount(y, minlength=num_exits)[used])
         centres = _fill_centres(known, known[used]) if used.sum() < num_exits else known
         rng = np.random.default_rng(seed)
         grids, logpdfs = [], []
@@ -927,10 +919,7 @@ class ExitTimingModel:
         have = np.isfinite(new) & (w_new > 0)
         w_new = np.where(have, w_new, 0.0)
         out = np.where(have, (w_new * np.nan_to_num(new) + w_old * moved) / np.maximum(w_new + w_old, 1e-12), moved)
-        from sklearn.isotonic import IsotonicRegression
-
-        out = IsotonicRegression().fit_transform(np.arange(self.num_exits), out,
-                                                 sample_weight=np.maximum(w_new + w_old, 1.0))
+        out = _non_decreasing(out, np.maximum(w_new + w_old, 1.0))
         return replace(self, centres=out, reference=self.reference + shift)
 
     def _query_centres(self) -> np.ndarray:
@@ -938,8 +927,7 @@ class ExitTimingModel:
         y = self._reference_exits()
         if y is None:
             return np.full(self.num_exits, np.nan)
-        r = reduce_latencies(self.reference)
-        return np.array([np.median(r[y == k]) if (y == k).any() else np.nan for k in range(self.num_exits)])
+        return exit_medians(reduce_latencies(self.reference), y, self.num_exits)
 
     @property
     def num_exits(self) -> int:
@@ -1052,6 +1040,18 @@ class ExitTimingModel:
                 "noise": "empirical" if len(self.noise_grid) else "t", "df": self.df, "scale": self.scale,
                 "temperature": self.temperature, "temperatures": self.temperatures.tolist(),
                 "offset": list(self.offset)}
+
+
+def exit_medians(per_sample: np.ndarray, exits: np.ndarray, num_exits: int) -> np.ndarray:
+    """Median of ``per_sample`` over the samples of each exit, NaN for an exit no sample took."""
+    return np.array([np.median(per_sample[exits == k]) if (exits == k).any() else np.nan for k in range(num_exits)])
+
+
+def _non_decreasing(centres: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The weighted isotonic fit of per-exit centres in depth order: deeper exits run more of the network."""
+    from sklearn.isotonic import IsotonicRegression
+
+    return IsotonicRegression().fit_transform(np.arange(len(centres)), centres, sample_weight=weights)
 
 
 def _noise_density(res: np.ndarray, sigma: float, floor: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:

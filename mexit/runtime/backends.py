@@ -207,7 +207,10 @@ class OrtCpuBackend:
         self.io_binding = io_binding
         so = session_options(threads=threads, spinning=spinning)
         fold = fold_decision and not io_binding
-        folded = _stage_models(self.bundle, fold=fold, skip_conv=skip_conv)
+        # each stage file read once, for the stage sessions and the single graph
+        graphs = _stage_graphs(self.bundle, skip_conv=skip_conv) if fold or skip_conv or single_graph is not False \
+            else None
+        folded = None if graphs is None else _stage_models(self.bundle, graphs, fold=fold)
         self.folds_decision = fold and folded is not None
         self.options = {"threads": threads, "spinning": spinning, "io_binding": io_binding,
                         "fold_decision": self.folds_decision, "skip_conv": skip_conv and folded is not None}
@@ -224,7 +227,7 @@ class OrtCpuBackend:
             size = sum(self.bundle.file(e.stage_file).stat().st_size for e in self.bundle.manifest.exits)
             single_graph = size <= SINGLE_GRAPH_MAX_BYTES and not io_binding
         if single_graph:
-            model = early_exit_graph(self.bundle, skip_conv=skip_conv)
+            model = early_exit_graph(self.bundle, skip_conv=skip_conv, graphs=graphs)
             if model is not None:
                 self._single = rt.InferenceSession(model, so, providers=["CPUExecutionProvider"])
                 self._single_input = self._single.get_inputs()[0].name
@@ -282,32 +285,36 @@ class OrtCpuBackend:
 FOLD_PREFIX = "mexit_decision_"
 
 
-def _stage_models(bundle: Bundle, *, fold: bool, skip_conv: bool) -> dict[Path, bytes] | None:
-    """Every stage's graph as ONNX Runtime should load it (serialised, keyed by the stage file), or None when
-    there is nothing to change or the ``onnx`` package is not installed.
-
-    ``fold``: internal stages get ``Softmax(logits)`` and its row maximum as extra outputs. ``skip_conv``:
-    residual skips read from the stage input go through an identity 1×1 convolution, so the stage stays in
-    ONNX Runtime's blocked layout (:mod:`mexit.runtime.layout`).
-    """
-    if not (fold or skip_conv):
-        return None
+def _stage_graphs(bundle: Bundle, *, skip_conv: bool) -> list[Any] | None:
+    """Every stage's ``onnx.ModelProto`` in exit order, with ``skip_conv`` its residual skips read from the stage
+    input routed through an identity 1×1 convolution so the stage stays in ONNX Runtime's blocked layout
+    (:mod:`mexit.runtime.layout`); None when the ``onnx`` package is not installed."""
     try:
         import onnx
-        from onnx import TensorProto, helper
     except ImportError:
         return None
     from mexit.runtime.layout import route_skips_through_conv
 
+    graphs = [onnx.load(str(bundle.file(e.stage_file))) for e in bundle.manifest.exits]
+    if skip_conv:
+        for model in graphs:
+            route_skips_through_conv(model)
+    return graphs
+
+
+def _stage_models(bundle: Bundle, graphs: list[Any], *, fold: bool) -> dict[Path, bytes]:
+    """The stage graphs as the stage sessions load them (serialised, keyed by the stage file); with ``fold``,
+    internal stages also output ``Softmax(logits)`` and its row maximum (the graphs are extended on copies)."""
+    from onnx import ModelProto, TensorProto, helper
+
     out: dict[Path, bytes] = {}
-    for e in bundle.manifest.exits:
+    for e, original in zip(bundle.manifest.exits, graphs, strict=True):
         path = bundle.file(e.stage_file)
-        model = onnx.load(str(path))
-        changed = bool(skip_conv and route_skips_through_conv(model))
         if not fold or e.feature_output is None:  # the last stage: every sample leaves there, no decision
-            if changed:
-                out[path] = model.SerializeToString()
+            out[path] = original.SerializeToString()
             continue
+        model = ModelProto()
+        model.CopyFrom(original)
         graph = model.graph
         opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
         probs, conf = f"{FOLD_PREFIX}probs", f"{FOLD_PREFIX}maxprob"
@@ -330,7 +337,7 @@ SINGLE_PROBS, SINGLE_EXIT = "mexit_probs", "mexit_exit"
 SINGLE_GRAPH_MAX_BYTES = 512 << 20
 
 
-def early_exit_graph(bundle: Bundle, *, skip_conv: bool = True) -> bytes | None:
+def early_exit_graph(bundle: Bundle, *, skip_conv: bool = True, graphs: list[Any] | None = None) -> bytes | None:
     """The whole early-exit chain of ``bundle`` as ONE graph for batch 1, or None without ``onnx``.
 
     Stage ``k``'s nodes, then ``Softmax`` of its logits, their maximum and ``max >= tau_k``, then an
@@ -339,10 +346,10 @@ def early_exit_graph(bundle: Bundle, *, skip_conv: bool = True) -> bytes | None:
     does exactly the work of a natural exit — no per-stage ``run`` calls, no boundary conversions, no
     Python between stages. Inputs: the stage-0 input and one float32 scalar ``mexit_tau{k}`` per
     internal exit (the runtime feeds the policy threshold, or ±inf to force an exit); outputs
-    ``mexit_probs`` (1, C) and ``mexit_exit`` (1,) int64.
+    ``mexit_probs`` (1, C) and ``mexit_exit`` (1,) int64. ``graphs``: the stage graphs already loaded (and
+    rewritten as ``skip_conv`` says, :func:`_stage_graphs`), left unchanged; else they are read here.
     """
     try:
-        import onnx
         from onnx import TensorProto, compose, helper
     except ImportError:
         return None
@@ -350,13 +357,9 @@ def early_exit_graph(bundle: Bundle, *, skip_conv: bool = True) -> bytes | None:
     k_exits = m.model.num_exits
     if k_exits < 2:
         return None
-    from mexit.runtime.layout import route_skips_through_conv
-
-    loaded = [onnx.load(str(bundle.file(e.stage_file))) for e in m.exits]
-    if skip_conv:  # the previous stage's features arrive from the enclosing scope in plain NCHW
-        for model in loaded:
-            route_skips_through_conv(model)
-    stages = [compose.add_prefix(model, f"s{e.index}_") for model, e in zip(loaded, m.exits, strict=True)]
+    if graphs is None:  # the previous stage's features arrive from the enclosing scope in plain NCHW
+        graphs = _stage_graphs(bundle, skip_conv=skip_conv)
+    stages = [compose.add_prefix(model, f"s{e.index}_") for model, e in zip(graphs, m.exits, strict=True)]
     for k in range(1, k_exits):  # stage k reads stage k-1's feature output from the enclosing scope
         src, dst = f"s{k}_{m.exits[k].input_name}", f"s{k - 1}_{m.exits[k - 1].feature_output}"
         for node in stages[k].graph.node:

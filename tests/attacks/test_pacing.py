@@ -197,3 +197,32 @@ def test_drift_correction_follows_a_drifting_host_and_leaves_a_target_elsewhere_
     else:
         assert sig.latency_drift_ns is None and not info["drift_coupling"]["corrected"]
         assert (used.predict(sig.latency_ns) == sig.true_exit).mean() >= 0.93  # the pacer's noise stays out
+
+
+def test_a_resumed_collection_keeps_the_pacers_answers(tmp_path: Any) -> None:
+    """The checkpoint holds the pacer's answers and which target query each followed, so the drift of a
+    resumed run is measured on one log."""
+    toy = ToyRuntime(seed=7)
+    xs, ys, ms = _pool(150, 11)
+    shadow = collect_signals(Timed(toy, xs, seed=1), xs, ys, ms, repeats=12, warmup=0, progress=False,
+                             true_exit_runtime=toy)
+    model = ExitTimingModel.fit(shadow.latency_ns, shadow.true_exit, 3)
+    x, y, m = _pool(100, 12)
+    host, ckpt = _Host(), tmp_path / "a.npz"
+
+    def pacer() -> ShadowPacer:
+        return ShadowPacer(_OnHost(toy, xs, seed=5, host=host), xs, seed=0, exits=shadow.true_exit, num_exits=3)
+
+    first = pacer()
+    stop = _OnHost(toy, x, seed=2, host=host, fail=lambda c: c > 400 and (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        collect_signals(stop, x, y, m, warmup=0, progress=False, true_exit_runtime=toy, checkpoint_path=ckpt,
+                        adaptive=Adaptive(model, query_budget=6.0, pace=first))
+    before = first.answers[0]
+    second = pacer()
+    sig = collect_signals(_OnHost(toy, x, seed=2, host=host), x, y, m, warmup=0, progress=False,
+                          true_exit_runtime=toy, checkpoint_path=ckpt,
+                          adaptive=Adaptive(model, query_budget=6.0, pace=second))
+    after = second.answers[0]
+    assert len(before) >= 400 and len(after) > len(before) and np.array_equal(after[: len(before)], before)
+    assert sig.meta["adaptive"]["paced_with_shadow"]["answered"] == len(after)
