@@ -172,7 +172,8 @@ class Adaptive:
     still below ``confidence`` are queried again (:func:`~mexit.attacks.stealing.sequential_stop`), until
     the mean number of queries per sample reaches ``query_budget`` or a sample reaches ``max_per_sample``
     (default ``4 · query_budget``). After the first rounds the offset between the target's timings and the
-    model's (a slower serving stack) is estimated once and kept (``offset=False``: trust absolute times).
+    model's (a slower serving stack) is estimated, and again each time the target has answered one more query
+    per sample (``offset=False``: trust absolute times; :func:`_offset_due`).
     Fit ``model`` with :func:`~mexit.attacks.stealing.fit_timing_model` on the shadow's fixed-repeat timings;
     :func:`~mexit.attacks.stealing.describe_jitter` says beforehand how many queries the target will need.
 
@@ -182,11 +183,17 @@ class Adaptive:
     stay in cache): unpaced, the jittery Location target looked 0.42 ms faster than its shadow, about two
     exit gaps, and the offset estimate followed it (``docs/results.md``, rec8). A pacer that knows its
     shadow's exits (``ShadowPacer(..., exits=...)``) also measures the host's drift and the per-exit centres
-    on today's clock (:mod:`mexit.attacks.pacing`); with ``drift_correction`` (default) every decision reads
-    the target's timings less the drift at their moment, against those centres, and the signals keep the
-    drift (``Signals.latency_drift_ns``) for the stealers. ``spend_budget`` (default): when every sample is
-    confident before the budget is spent, the least certain are asked again at a stricter confidence
-    (:func:`_spend_rest`) instead of leaving the budget unused.
+    on today's clock (:mod:`mexit.attacks.pacing`); with ``drift_correction`` (default) every decision is
+    made against those centres and, when the target's repeats move with the drift, reads the target's timings
+    less the drift at their moment; the signals keep the drift (``Signals.latency_drift_ns``) for the
+    stealers. ``spend_budget`` (default): when every sample is confident before the budget is spent, the least
+    certain are asked again at a stricter confidence (:func:`_spend_rest`) instead of leaving it unused.
+
+    ``round_queries``: the fewest queries between two decisions. When fewer samples are still uncertain, each
+    gets several consecutive slots in the round (asked in turn), so the decision steps stay rare: while the
+    client decides (~10 ms) the servers idle, and the target's next answers came out 0.2–0.6 ms slower,
+    more at deeper exits, for several queries (``benchmarks/decision_pause.py``). With one query per sample a
+    round, the last rounds hold a handful of rare-exit samples and most of their queries follow such a pause.
     """
 
     model: ExitTimingModel
@@ -198,6 +205,7 @@ class Adaptive:
     pace: Callable[[], None] | None = field(default=None, compare=False)
     drift_correction: bool = True
     spend_budget: bool = True
+    round_queries: int = 64
 
     def __post_init__(self) -> None:
         if not 1 <= self.query_budget <= MAX_QUERY_BUDGET:
@@ -210,6 +218,8 @@ class Adaptive:
         if not 1 <= self.min_queries <= self.query_budget:
             raise SignalsError(f"min_queries must be >= 1 and at most the query budget ({self.query_budget}), got "
                                f"{self.min_queries}")
+        if self.round_queries < 1:
+            raise SignalsError(f"round_queries must be at least 1, got {self.round_queries}")
         if self.max_per_sample is not None and self.max_per_sample < self.min_queries:
             raise SignalsError(f"max_per_sample ({self.max_per_sample}) is below min_queries ({self.min_queries})")
 
@@ -224,7 +234,7 @@ class Adaptive:
         return {"query_budget": float(self.query_budget), "confidence": float(self.confidence),
                 "min_queries": int(self.min_queries), "max_per_sample": self.width, "model": digest,
                 "offset": bool(self.offset), "drift_correction": self.calibrating,
-                "spend_budget": bool(self.spend_budget)}
+                "spend_budget": bool(self.spend_budget), "round_queries": int(self.round_queries)}
 
     @property
     def calibrating(self) -> bool:
@@ -564,8 +574,8 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
     """Rounds of queries; after the first rounds (:func:`first_decision_round`) only the samples whose exit is
     still uncertain.
 
-    Which samples a round visits depends only on their own recorded timings, the offset estimated once after
-    the first rounds (kept in the checkpoint) and, with a calibrating pacer, its answers (kept too), so a
+    Which samples a round visits depends only on their own recorded timings, the offset estimated at the start
+    of the rounds where it is due (kept in the checkpoint) and, with a calibrating pacer, its answers (kept too), so a
     resumed run makes the same decisions.
     """
     from tqdm.auto import tqdm
@@ -619,39 +629,77 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
         saver.tick()
 
     try:
-        for r in range(plan.width):
+        r = 0
+        while r < plan.width:
             if r >= first and not informative:
                 break
             lat, judge = _latencies(state), replace(model)
             if r >= first and pacer is not None:
                 judge, lat = _calibrated(model, pacer.calibration(), state)
-            if r == first and plan.offset:
-                if "offset" not in state.extra:
-                    reduce = "min" if model.statistic == "min" else "trimmed"  # the statistic the model judges
-                    state.extra["offset"] = list(judge.estimate_offset(lat, reduce=reduce))
+            if r >= first and plan.offset:
+                pending = state.extra.get("round")
+                new_round = not state.attempted[:, r].any() and (pending is None or pending["slot"] != r)
+                if new_round and _offset_due(state, n):
+                    _estimate_offset(judge, lat, state)
                 model.offset = tuple(state.extra["offset"])  # type: ignore[assignment]
             judge.offset = model.offset
             post = _posterior(judge, lat)  # one posterior a round: the beliefs the pacer mirrors, and the test
             seen = np.isfinite(post[:, 0])
             believed[seen] = np.argmax(post[seen], axis=1)
-            todo = _round_order(seed, r, n)
-            todo = todo[~state.attempted[todo, r]]
-            if r >= first:
-                confident = post[todo].max(axis=1) >= plan.confidence  # sequential_stop's rule
-                todo = todo[~confident & state.attempted[todo, r - 1]]  # still uncertain, and asked last round
-            if not len(todo):
-                if state.attempted[:, r].any():  # this round was done before the run was resumed
-                    continue
-                break
-            for i in todo:
-                if int(state.attempted.sum()) >= budget and r >= first:
-                    return
-                ask(int(i), r)
+            pending = state.extra.get("round")  # a round the run was interrupted in: finish it as planned
+            if pending is not None and pending["slot"] == r:
+                todo, reps = np.asarray(pending["samples"], dtype=np.int64), int(pending["slots"])
+            else:
+                todo = _round_order(seed, r, n)
+                todo = todo[~state.attempted[todo, r]]
+                if r >= first:
+                    confident = post[todo].max(axis=1) >= plan.confidence  # sequential_stop's rule
+                    todo = todo[~confident & state.attempted[todo, r - 1]]  # still uncertain, and asked last round
+                if not len(todo):
+                    if state.attempted[:, r].any():  # this round was done before the run was resumed
+                        r += 1
+                        continue
+                    break
+                reps = 1 if r < first else min(math.ceil(plan.round_queries / len(todo)), plan.width - r)
+                state.extra["round"] = {"slot": r, "slots": reps, "samples": todo.tolist()}
+            for j in range(reps):  # the round's samples in turn, one slot after the other
+                for i in todo:
+                    if int(state.attempted.sum()) >= budget and r >= first:
+                        return
+                    if not state.attempted[i, r + j]:
+                        ask(int(i), r + j)
+            state.extra.pop("round", None)
+            r += reps
         if informative and plan.spend_budget:
             _spend_rest(ask, state, plan, model, pacer, budget)
     finally:
         bar.close()
         saver.close()
+
+
+def _offset_due(state: _Progress, n: int) -> bool:
+    """Whether to estimate the target's offset again: first at the first decision round, then once the target
+    has answered one more query per sample on average.
+
+    One estimate, kept for the whole run, went stale: the pacer's calibration moves under it (the level it
+    splits between drift and centres changes as its log grows, and the coupling test may switch the drift
+    correction on after the first rounds, which moves the judged timings onto the pacer's clock). On two
+    200-sample jittery recordings the offset estimated at the first decision round was −51 and −78 µs and
+    the one the stealers found on the finished recording +26 and +75 µs; the run's own decisions scored
+    0.71 and 0.31 balanced against 0.87 and 0.83 for the stealers (``docs/results.md``). Estimated only at the
+    start of a new round, so a resumed run estimates where the uninterrupted one did.
+    """
+    if "offset" not in state.extra:
+        return True
+    return int(state.attempted.sum()) - int(state.extra.get("offset_at", 0)) >= n
+
+
+def _estimate_offset(judge: ExitTimingModel, lat: np.ndarray, state: _Progress) -> None:
+    """Estimate the target's offset against ``judge`` (on the statistic it judges) and log it in the state."""
+    reduce = "min" if judge.statistic == "min" else "trimmed"
+    state.extra["offset"] = list(judge.estimate_offset(lat, reduce=reduce))
+    state.extra["offset_at"] = done = int(state.attempted.sum())
+    state.extra.setdefault("offsets", []).append([done, *state.extra["offset"]])
 
 
 def _spend_rest(ask: Callable[[int, int], None], state: _Progress, plan: Adaptive, model: ExitTimingModel,
@@ -666,6 +714,9 @@ def _spend_rest(ask: Callable[[int, int], None], state: _Progress, plan: Adaptiv
     level = plan.confidence
     while int(state.attempted.sum()) < budget and level < 1 - 1e-6:
         judge, lat = _calibrated(model, None if pacer is None else pacer.calibration(), state)
+        if plan.offset and _offset_due(state, len(lat)):
+            _estimate_offset(judge, lat, state)
+            model.offset = tuple(state.extra["offset"])  # type: ignore[assignment]
         judge.offset = model.offset
         post = np.nan_to_num(_posterior(judge, lat), nan=0.0)  # a sample never answered: least certain
         slots = state.attempted.sum(axis=1)
@@ -676,22 +727,34 @@ def _spend_rest(ask: Callable[[int, int], None], state: _Progress, plan: Adaptiv
         state.extra.setdefault("stricter_confidence", [])
         if not state.extra["stricter_confidence"] or state.extra["stricter_confidence"][-1] != level:
             state.extra["stricter_confidence"].append(level)
-        for i in todo[np.argsort(post.max(axis=1)[todo], kind="stable")]:  # least certain first
-            if int(state.attempted.sum()) >= budget:
-                return
-            ask(int(i), int(slots[i]))
+        todo = todo[np.argsort(post.max(axis=1)[todo], kind="stable")]  # least certain first
+        for _ in range(math.ceil(plan.round_queries / len(todo))):  # few decision steps (Adaptive.round_queries)
+            for i in todo[slots[todo] < plan.width]:
+                if int(state.attempted.sum()) >= budget:
+                    return
+                ask(int(i), int(slots[i]))
+                slots[i] += 1
 
 
 def _calibrated(model: ExitTimingModel, cal: PacerCalibration | None, state: _Progress
                 ) -> tuple[ExitTimingModel, np.ndarray]:
-    """The model with the pacer's per-exit centres blended in and the target's latencies less the host's drift
-    at their moment — when the target's own repeats move with that drift (:func:`~mexit.attacks.pacing.
-    target_drift`); else ``model`` and the raw latencies (no calibration yet, or a target on another host)."""
+    """The model with the pacer's per-exit centres blended in, and the target's latencies less the host's drift
+    at their moment when the target's own repeats move with that drift (:func:`~mexit.attacks.pacing.
+    target_drift`; raw latencies for a target on another host); ``model`` and the raw latencies before the
+    pacer has calibrated.
+
+    The centres are used whether or not the drift is: they are the shadow's exits measured under the target's
+    current traffic (the pacer mirrors it), from hundreds of answers where the recording had a handful for a
+    rare exit. A target that does not move with the pacer's host takes only their gaps (``clock=False``): the
+    level of the pacer's centres follows its host, and the target's offset is estimated once.
+    """
     lat = _latencies(state)
-    drift = None if cal is None else target_drift(lat, cal, state.pace_at)[0]
-    if drift is None:
+    if cal is None:
         return replace(model), lat
-    return model.recentred(cal.centres, cal.counts), lat - drift  # type: ignore[union-attr]
+    drift = target_drift(lat, cal, state.pace_at)[0]
+    if drift is None:  # the gaps between the pacer's centres, on the recording's clock
+        return model.recentred(cal.centres, cal.counts, clock=False), lat
+    return model.recentred(cal.centres, cal.counts), lat - drift
 
 
 def _posterior(model: ExitTimingModel, lat: np.ndarray) -> np.ndarray:
@@ -728,6 +791,7 @@ def _adaptive_report(state: _Progress, plan: Adaptive, cal: PacerCalibration | N
     return {"query_budget": plan.query_budget, "confidence": plan.confidence, "min_queries": plan.min_queries,
             "max_per_sample": plan.width, "mean_queries": float(counts.mean()), "max_queries": int(counts.max()),
             "confident_samples": int(confident.sum()), "offset": state.extra.get("offset"),
+            "offsets": state.extra.get("offsets", []),
             "shadow_plan": state.extra.get("shadow_plan"),
             "first_decision_round": state.extra.get("first_decision_round"),
             "drift_correction": plan.calibrating,

@@ -405,7 +405,7 @@ def paced_centres(target: Signals) -> tuple[np.ndarray | None, np.ndarray | None
     queried adaptively (:mod:`mexit.attacks.pacing`), or (None, None) for a recording without them."""
     cal = ((target.meta.get("adaptive") or {}).get("paced_with_shadow") or {})
     cal = cal.get("calibration") if isinstance(cal, dict) else None
-    if target.latency_drift_ns is None or not cal:
+    if not cal:
         return None, None
     centres = np.array([np.nan if c is None else float(c) for c in cal["centres_ns"]])
     return centres, np.asarray(cal["answers_per_exit"], dtype=np.float64)

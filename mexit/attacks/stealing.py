@@ -889,7 +889,8 @@ class ExitTimingModel:
                 best, best_ll = float(d), total
         return best, scale
 
-    def recentred(self, centres: np.ndarray, weights: np.ndarray | None = None) -> ExitTimingModel:
+    def recentred(self, centres: np.ndarray, weights: np.ndarray | None = None, *, clock: bool = True
+                  ) -> ExitTimingModel:
         """A copy with exit centres measured on another clock blended in, e.g. today's, by the paced shadow
         queries (:mod:`mexit.attacks.pacing`): ``centres`` (NaN: unknown) from ``weights`` queries each.
 
@@ -899,6 +900,11 @@ class ExitTimingModel:
         (the recording's rare exits have few queries, the paced answers more). Centres stay non-decreasing
         with depth (isotonic). A model of the fastest query (``statistic="min"``) has centres of another
         statistic: it only moves by the clocks' difference, measured against its reference's medians.
+
+        ``clock=False`` keeps the model on its own clock and takes only the gaps between the new centres (they
+        are moved back by the clocks' difference before the blend): for timings that do not share the new
+        clock, e.g. a target that does not move with the pacer's host, whose offset was estimated once
+        against this model's clock while the pacer's level keeps changing with its host.
         """
         new = np.asarray(centres, dtype=np.float64)
         if new.shape != self.centres.shape:
@@ -913,6 +919,8 @@ class ExitTimingModel:
             return replace(self)
         h = w_new[both] * w_old[both] / (w_new[both] + w_old[both])
         shift = float(np.sum(h * (new[both] - base[both])) / np.sum(h))
+        if not clock:
+            new, shift = new - shift, 0.0
         if self.statistic == "min":
             return replace(self, centres=self.centres + shift, reference=self.reference + shift)
         moved = self.centres + shift

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mexit.errors import ConfigError
+from mexit.export.fold import fold_linear_batchnorm
 
 log = logging.getLogger(__name__)
 # The dynamo exporter warns once per missing torchvision op ("torchvision is not installed. Skipping
@@ -74,12 +75,16 @@ def export_onnx(
     opset: int | None = None,
     want_program: bool = False,
 ) -> ExportResult:
-    """Export ``module`` (in eval mode) to ``path`` with ``input_name -> output_names`` and a dynamic batch."""
+    """Export ``module`` (in eval mode) to ``path`` with ``input_name -> output_names`` and a dynamic batch;
+    ``Linear → BatchNorm1d`` pairs are folded first (:mod:`mexit.export.fold`, on a copy)."""
     if exporter not in EXPORTERS:
         raise ConfigError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
     if example.shape[0] < 2:
         raise ValueError("the export example needs a batch of at least 2 so that the batch axis stays symbolic")
     module.eval()
+    module, folded = fold_linear_batchnorm(module)
+    if folded:
+        log.debug("folded %d Linear → BatchNorm1d pairs of %s", folded, path.name)
     program = None
     program_error: Exception | None = None
     if exporter != "legacy" or want_program:

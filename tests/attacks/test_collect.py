@@ -249,7 +249,7 @@ def test_adaptive_querying_spends_queries_where_the_exit_is_uncertain(toy: ToyRu
     assert sig.latency_ns.dtype == np.float64 and np.isnan(sig.latency_ns).any()
     assert np.array_equal(np.isfinite(sig.latency_ns).sum(axis=1), client.asked)
     # the samples asked more than `first` times are those whose first timings left the exit in doubt
-    used = replace(model, offset=tuple(info["offset"]))  # the offset it estimated after the first rounds
+    used = replace(model, offset=tuple(info["offsets"][0][1:]))  # the offset it estimated after the first rounds
     post_two = used.posterior(fixed.latency_ns.astype(np.float64)).max(axis=1)
     more = client.asked > first
     assert more.any() and (~more).any() and np.all(post_two[~more] >= 0.95) and np.all(post_two[more] < 0.95)
@@ -271,6 +271,36 @@ def test_adaptive_querying_estimates_the_target_offset(toy: ToyRuntime, shadow_m
     shifted = replace(model, offset=tuple(sig.meta["adaptive"]["offset"]))
     assert (shifted.predict(sig.latency_ns) == sig.true_exit).mean() >= 0.93
     assert (model.predict(sig.latency_ns) == sig.true_exit).mean() < 0.5  # absolute times: all at the last exit
+
+
+def test_adaptive_querying_follows_an_offset_that_moves(toy: ToyRuntime, shadow_model: Any) -> None:
+    """The target's stack becomes 0.6 ms slower (more than an exit gap) after 400 queries, past the first
+    decision round: the offset is estimated again each time the target has answered one more query per
+    sample, so the later rounds do not keep reading every sample one exit deeper."""
+
+    class Slower(Timed):
+        def infer(self, xq: np.ndarray, outputs: list[str] | None = None) -> InferResult:
+            res = super().infer(xq, outputs)
+            return InferResult(outputs=res.outputs, rtt_ns=res.rtt_ns + (600_000 if self.calls > 400 else 0))
+
+    model, _ = shadow_model
+    x, y, m = _pool(120, 13)
+    sig = collect_signals(Slower(toy, x, seed=3), x, y, m, warmup=0, progress=False, true_exit_runtime=toy,
+                          adaptive=Adaptive(model, query_budget=10.0))
+    offsets = sig.meta["adaptive"]["offsets"]
+    assert len(offsets) >= 5 and offsets[0][0] < 400 and abs(offsets[0][1]) < 0.15e6  # first: before the change
+    assert [o[0] for o in offsets] == sorted(o[0] for o in offsets)  # (queries answered, shift, scale)
+    assert offsets[-1][1] > 0.3e6 and sig.meta["adaptive"]["offset"] == offsets[-1][1:]
+    late = sig.latency_ns[:, 4:]  # slots 4 on: answered after the change (120 samples × 4 slots > 400)
+    asked = np.isfinite(late).any(axis=1)
+    assert asked.sum() >= 20
+
+    def acc(offset: list[float]) -> float:
+        return float((replace(model, offset=tuple(offset)).predict(late[asked]) == sig.true_exit[asked]).mean())
+
+    # the first offset reads them one exit deeper; the last one, estimated on all answers (the earlier ones
+    # too), has moved most of the way (0.4 of the 0.6 ms here)
+    assert acc(offsets[-1][1:]) >= 0.75 and acc(offsets[0][1:]) < 0.6
 
 
 def test_adaptive_budget_out_of_range_is_one_line(shadow_model: Any) -> None:

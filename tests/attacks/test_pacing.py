@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sklearn.metrics import balanced_accuracy_score
 
 from mexit.attacks.collect import Adaptive, collect_signals
 from mexit.attacks.pacing import MIN_ANSWERS_PER_EXIT, ShadowPacer, calibrate, drift_coupling, moves_with_host
@@ -125,6 +126,11 @@ def test_recentred_model_blends_new_centres_on_the_new_clock() -> None:
     assert moved.centres[:2] == pytest.approx([2.3e6, 2.8e6], abs=15e3)
     assert moved.centres[2] == pytest.approx((3.3e6 + model.centres[2] + 0.3e6) / 2, abs=15e3)  # equal weights
     assert np.allclose(moved.reference, model.reference + 0.3e6, atol=15e3)  # the offset estimate's clock
+    # the gaps alone, on the recording's clock (a target that does not share today's clock)
+    kept = model.recentred(np.array([2.3e6, 2.8e6, 3.3e6]), np.array([1000, 1000, 12]), clock=False)
+    assert kept.centres[:2] == pytest.approx([2.0e6, 2.5e6], abs=15e3)
+    assert kept.centres[2] == pytest.approx((3.0e6 + model.centres[2]) / 2, abs=15e3)
+    assert np.array_equal(kept.reference, model.reference)
     missing = model.recentred(np.array([2.3e6, 2.8e6, np.nan]), np.array([1000, 1000, 0]))
     assert missing.centres[2] == pytest.approx(model.centres[2] + 0.3e6, abs=15e3)  # moved with the clock
     crossed = model.recentred(np.array([2.5e6, 2.4e6, 3.0e6]), np.array([1000, 1000, 1000]))
@@ -155,11 +161,11 @@ class _OnHost(Timed):
         return InferResult(outputs=res.outputs, rtt_ns=int(res.rtt_ns + self.host.tick()))
 
 
-@pytest.mark.parametrize("setting", ["corrected", "one offset", "target elsewhere"])
+@pytest.mark.parametrize("setting", ["corrected", "uncorrected", "target elsewhere"])
 def test_drift_correction_follows_a_drifting_host_and_leaves_a_target_elsewhere_alone(setting: str) -> None:
     """The host's speed swings by ±0.35 ms (0.7 of an exit gap). A target on it swings with the pacer, so
-    corrected decisions stay right where one offset cannot follow; a target on another host does not swing
-    with the pacer, and is left uncorrected."""
+    corrected decisions stay right where an offset (re-estimated between rounds) cannot follow; a target on
+    another host does not swing with the pacer, and is left uncorrected."""
     toy = ToyRuntime(seed=7)
     xs, ys, ms = _pool(150, 11)
     shadow = collect_signals(Timed(toy, xs, seed=1), xs, ys, ms, repeats=12, warmup=0, progress=False,
@@ -168,20 +174,20 @@ def test_drift_correction_follows_a_drifting_host_and_leaves_a_target_elsewhere_
     host = _Host()
     x, y, m = _pool(150, 12)
     pacer = ShadowPacer(_OnHost(toy, xs, seed=5, host=host), xs, seed=0, exits=shadow.true_exit, num_exits=3)
-    plan = Adaptive(model, query_budget=8.0, pace=pacer, drift_correction=setting != "one offset")
+    plan = Adaptive(model, query_budget=8.0, pace=pacer, drift_correction=setting != "uncorrected")
     target = Timed(toy, x, seed=2) if setting == "target elsewhere" else _OnHost(toy, x, seed=2, host=host)
     sig = collect_signals(target, x, y, m, warmup=0, progress=False, true_exit_runtime=toy, adaptive=plan)
     info = sig.meta["adaptive"]
     assert info["mean_queries"] == pytest.approx(8.0, abs=0.01)
     used = replace(model, offset=tuple(info["offset"]))
     if setting == "corrected":
-        assert info["drift_coupling"]["corrected"] and abs(info["drift_coupling"]["slope"] - 1) < 0.3
+        assert info["drift_coupling"]["corrected"] and abs(info["drift_coupling"]["slope"] - 1) < 0.4
         assert sig.latency_drift_ns is not None and sig.latency_drift_ns.shape == sig.latency_ns.shape
         assert np.nanstd(sig.latency_drift_ns) > 150e3  # the swings it measured are the host's
         cal = info["paced_with_shadow"]["calibration"]
         used = replace(used.recentred(np.array(cal["centres_ns"], dtype=float), np.array(cal["answers_per_exit"])),
                        offset=used.offset)
-        assert (used.predict(sig.drift_corrected_latency_ns()) == sig.true_exit).mean() >= 0.93
+        assert (used.predict(sig.drift_corrected_latency_ns()) == sig.true_exit).mean() >= 0.95
         # the pacer mirrored the target's traffic (the exits it believed the target queries took): its answers
         # per exit are nearer the target's queries per exit than the shadow's own mix is
         asked = np.bincount(np.repeat(sig.true_exit, np.isfinite(sig.latency_ns).sum(axis=1)), minlength=3)
@@ -191,11 +197,15 @@ def test_drift_correction_follows_a_drifting_host_and_leaves_a_target_elsewhere_
             return float(np.abs(a / a.sum() - b / b.sum()).sum() / 2)
 
         assert tv(paced, asked) < tv(natural, asked)
-    elif setting == "one offset":
+    elif setting == "uncorrected":
         assert sig.latency_drift_ns is None and not info["drift_correction"]
-        assert (used.predict(sig.latency_ns) == sig.true_exit).mean() < 0.9  # cannot follow the host
-    else:
+        # an offset (re-estimated between rounds) cannot follow the swings within the recording
+        assert (used.predict(sig.latency_ns) == sig.true_exit).mean() < 0.93
+    else:  # uncorrected, but judged against the pacer's centres (moved onto the recording's clock)
         assert sig.latency_drift_ns is None and not info["drift_coupling"]["corrected"]
+        cal = info["paced_with_shadow"]["calibration"]
+        used = replace(used.recentred(np.array(cal["centres_ns"], dtype=float), np.array(cal["answers_per_exit"]),
+                                      clock=False), offset=used.offset)
         assert (used.predict(sig.latency_ns) == sig.true_exit).mean() >= 0.93  # the pacer's noise stays out
 
 
@@ -226,3 +236,36 @@ def test_a_resumed_collection_keeps_the_pacers_answers(tmp_path: Any) -> None:
     after = second.answers[0]
     assert len(before) >= 400 and len(after) > len(before) and np.array_equal(after[: len(before)], before)
     assert sig.meta["adaptive"]["paced_with_shadow"]["answered"] == len(after)
+
+
+@pytest.mark.parametrize("calibrating", [True, False])
+def test_the_pacers_centres_fix_a_misrecorded_rare_exit_even_when_the_drift_is_not_applied(calibrating: bool) -> None:
+    """A quiet host: nothing drifts, so the coupling test leaves the target's timings alone. The shadow
+    recording holds three samples of exit 2, and they came out 0.45 ms slow (a rare exit's few recorded
+    samples can be that far off); the pacer's answers at today's traffic put its centre back, and the
+    adaptive decisions and the stealers use them."""
+    toy = ToyRuntime(seed=7)
+    xs, ys, ms = _pool(150, 11)
+    shadow = collect_signals(Timed(toy, xs, seed=1, sigma=0.15e6), xs, ys, ms, repeats=12, warmup=0, progress=False,
+                             true_exit_runtime=toy)
+    keep = np.r_[np.flatnonzero(shadow.true_exit != 2), np.flatnonzero(shadow.true_exit == 2)[:3]]
+    recorded = shadow.latency_ns[keep] + np.where(shadow.true_exit[keep] == 2, 0.45e6, 0.0)[:, None]
+    model = ExitTimingModel.fit(recorded, shadow.true_exit[keep], 3)
+    x, y, m = _pool(300, 12)
+    rare = toy.predict(x).exit_index == 2
+    pick = np.r_[np.flatnonzero(~rare)[:144], np.flatnonzero(rare)[:6]]  # the target's exit 2 is rare too
+    x, y, m = x[pick], y[pick], m[pick]
+    pacer = ShadowPacer(Timed(toy, xs, seed=5, sigma=0.15e6), xs, seed=0, exits=shadow.true_exit, num_exits=3)
+    plan = Adaptive(model, query_budget=8.0, pace=pacer, drift_correction=calibrating)
+    sig = collect_signals(Timed(toy, x, seed=2, sigma=0.15e6), x, y, m, warmup=0, progress=False, true_exit_runtime=toy,
+                          adaptive=plan)
+    info = sig.meta["adaptive"]
+    assert sig.latency_drift_ns is None  # nothing to correct on a quiet host
+    used = replace(model, offset=tuple(info["offset"]))
+    if calibrating:
+        assert not info["drift_coupling"]["corrected"]
+        cal = info["paced_with_shadow"]["calibration"]
+        used = replace(used.recentred(np.array(cal["centres_ns"], dtype=float), np.array(cal["answers_per_exit"]),
+                                      clock=False), offset=used.offset)
+    acc = balanced_accuracy_score(sig.true_exit, used.predict(sig.latency_ns))
+    assert (acc >= 0.95) if calibrating else (acc < 0.9)  # balanced over the exits: exit 2's 6 samples count
