@@ -28,8 +28,7 @@ as a running median of the answers' residuals around their centres), and :meth:`
 the drift at each target query, so the target's timings are compared with the shadow's on one clock.
 :func:`drift_coupling` checks on the target's own repeats that it does move with the shadow's host (a
 target on another machine would not, and correcting it would only add the pacer's noise), and by how much: the
-target is corrected by the drift times that slope, clipped to [0, 1] and shrunk by its reliability
-(:attr:`Coupling.share`).
+target is corrected by the drift times that slope, clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -57,10 +56,6 @@ RETRYABLE = (ServerUnreachableError, ConnectionError, TimeoutError)
 DRIFT_WINDOW = 201
 #: Answers an exit needs before its paced centre replaces the shadow recording's.
 MIN_ANSWERS_PER_EXIT = 10
-#: The smallest share of the pacer's drift worth taking off the target (:attr:`Coupling.share`): below it the
-#: correction moves a query by less than ~10 µs at the drifts measured (sd 65–290 µs), and leaving the target
-#: uncorrected keeps the decisions on the recording's clock (:meth:`ExitTimingModel.recentred`, ``clock``).
-MIN_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -133,25 +128,17 @@ class Coupling(NamedTuple):
 
     @property
     def share(self) -> float:
-        """The part of the pacer's drift to take off the target: the slope within [0, 1], shrunk by its
-        reliability ``slope² / (slope² + se²)``; 0 below :data:`MIN_SHARE` or for a slope at or below 0.
+        """The part of the pacer's drift to take off the target: the slope within [0, 1], 0 if it does not move.
 
         The slope is the least-squares prediction of the target's own excess from the pacer's drift; a target
         that moves with only part of it (slope 0.35 on one plain-server recording, where correcting by all of
-        it read 0.842 balanced, by the slope's share 0.962, uncorrected 0.940) is corrected by that part. The
-        shrinkage replaces a yes/no test at 2 standard errors: on a quiet host (drift sd 75 µs) a slope of
-        0.64 ± 0.33 missed that test, the recording went uncorrected and read 0.935 balanced; corrected by the
-        shrunk share 0.51 the same queries read 0.972 (``docs/results.md``, session 6). A target on another
-        host has a slope near 0 (or below), and is left alone."""
-        if not (np.isfinite(self.slope) and np.isfinite(self.se)) or self.slope <= 0:
-            return 0.0
-        share = float(np.clip(self.slope, 0.0, 1.0)) * self.slope**2 / (self.slope**2 + self.se**2)
-        return share if share >= MIN_SHARE else 0.0
+        it read 0.842 balanced, by the slope's share 0.962, uncorrected 0.940) is corrected by that part."""
+        return float(np.clip(self.slope, 0.0, 1.0)) if self.moves() else 0.0
 
     def describe(self) -> dict[str, Any]:
         return {"slope": None if not np.isfinite(self.slope) else round(self.slope, 3),
                 "se": None if not np.isfinite(self.se) else round(self.se, 3), "queries": self.queries,
-                "significant": self.moves(), "share": round(self.share, 3), "corrected": self.share > 0}
+                "corrected": self.moves()}
 
 
 def drift_coupling(latencies: np.ndarray, drift: np.ndarray) -> Coupling:
@@ -195,7 +182,7 @@ def target_drift(latencies: np.ndarray, cal: PacerCalibration, answer_index: np.
     lat = np.asarray(latencies, dtype=np.float64)
     drift = np.where(np.isfinite(lat), cal.at(answer_index), np.nan)
     coupling = drift_coupling(lat, drift)
-    return (drift * coupling.share if coupling.share > 0 else None), coupling
+    return (drift * coupling.share if coupling.moves() else None), coupling
 
 
 class ShadowPacer:

@@ -10,15 +10,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score
 
 from mexit.attacks.collect import Adaptive, collect_signals
-from mexit.attacks.pacing import (
-    MIN_ANSWERS_PER_EXIT,
-    MIN_SHARE,
-    Coupling,
-    ShadowPacer,
-    calibrate,
-    drift_coupling,
-    moves_with_host,
-)
+from mexit.attacks.pacing import MIN_ANSWERS_PER_EXIT, ShadowPacer, calibrate, drift_coupling, moves_with_host
 from mexit.attacks.signals import SignalsError
 from mexit.attacks.stealing import ExitTimingModel
 from mexit.serve.client import InferResult, ServerUnreachableError
@@ -195,7 +187,7 @@ def test_drift_correction_follows_a_drifting_host_and_leaves_a_target_elsewhere_
         cal = info["paced_with_shadow"]["calibration"]
         used = replace(used.recentred(np.array(cal["centres_ns"], dtype=float), np.array(cal["answers_per_exit"])),
                        offset=used.offset)
-        assert (used.predict(sig.drift_corrected_latency_ns()) == sig.true_exit).mean() >= 0.93
+        assert (used.predict(sig.drift_corrected_latency_ns()) == sig.true_exit).mean() >= 0.95
         # the pacer mirrored the target's traffic (the exits it believed the target queries took): its answers
         # per exit are nearer the target's queries per exit than the shadow's own mix is
         asked = np.bincount(np.repeat(sig.true_exit, np.isfinite(sig.latency_ns).sum(axis=1)), minlength=3)
@@ -277,13 +269,3 @@ def test_the_pacers_centres_fix_a_misrecorded_rare_exit_even_when_the_drift_is_n
                                       clock=False), offset=used.offset)
     acc = balanced_accuracy_score(sig.true_exit, used.predict(sig.latency_ns))
     assert (acc >= 0.95) if calibrating else (acc < 0.9)  # balanced over the exits: exit 2's 6 samples count
-
-
-def test_coupling_share_is_the_slope_shrunk_by_its_reliability() -> None:
-    quiet = Coupling(0.64, 0.33, 4000)  # session 6, seed 27: short of 2 standard errors, but clearly positive
-    assert not quiet.moves() and quiet.share == pytest.approx(0.64 * 0.64**2 / (0.64**2 + 0.33**2))
-    assert quiet.describe()["corrected"] and not quiet.describe()["significant"]
-    assert Coupling(1.3, 0.1, 4000).share == pytest.approx(1.3**2 / (1.3**2 + 0.01))  # clipped to 1, then shrunk
-    assert Coupling(-0.16, 0.05, 4000).share == 0.0  # a target elsewhere: left alone
-    assert Coupling(0.1, 0.5, 4000).share == 0.0 < 0.1 * 0.01 / 0.26 < MIN_SHARE  # noise: too small to apply
-    assert Coupling(float("nan"), float("inf"), 0).share == 0.0
