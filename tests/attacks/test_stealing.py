@@ -458,3 +458,19 @@ def test_an_adaptive_recording_is_stolen_with_the_sequential_tests_own_model() -
     assert res.choice.name == "likelihood" and res.describe()["rule"] == ADAPTIVE_RULE
     assert np.array_equal(res.stolen["chosen"], res.stolen["likelihood"])
     assert res.describe()["cv"] == fixed.describe()["cv"]  # the shadow's cross-validation is still reported
+
+
+def test_fastest_query_density_extrapolates_beyond_the_shadows_repeats() -> None:
+    """Adaptive querying asks uncertain samples far more often than the shadow's R repeats: the fastest of
+    m > R queries is faster still, so its density moves left with m instead of reusing R's."""
+    shadow, exits = loaded(seed=40, repeats=10)
+    model = ExitTimingModel.fit(shadow, exits, 6, statistic="min")
+    grid = model._min_density(10)[0]
+    modes = [grid[np.argmax(model._min_density(m)[1])] for m in (10, 40, 160)]
+    assert modes[0] > modes[1] > modes[2]  # the fastest of more queries sits lower
+    step = grid[1] - grid[0]
+    for m in (40, 160):
+        assert np.exp(model._min_density(m)[1]).sum() * step == pytest.approx(1.0, abs=0.05)
+    assert np.array_equal(model._min_density(3)[1], model.min_logpdfs[2])  # measured up to R
+    target, truth = loaded(seed=41, repeats=60)
+    assert (model.predict(target) == truth).mean() >= 0.9
