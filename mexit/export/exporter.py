@@ -69,6 +69,7 @@ def export_bundle(
     exporter: str = "auto",
     value_range: tuple[float, float] | None = None,
     provenance_extra: Mapping[str, Any] | None = None,
+    fold_batchnorm: bool = True,
 ) -> Path:
     """Export ``model`` to a bundle directory ``out_dir`` and return its path.
 
@@ -76,8 +77,10 @@ def export_bundle(
     few dozen) used as export examples and for the parity check at batch 1 and batch n. ``threshold``
     and ``policy`` become the bundle's default exit rule. ``exporter`` is ``auto`` (dynamo, falling
     back to the legacy exporter), ``dynamo`` or ``legacy``. ``value_range`` documents the expected input
-    range (default [0, 1] for images, none for tabular data). Raises :class:`BundleError` when parity
-    fails or ``out_dir`` exists without ``overwrite``; nothing is left behind on failure.
+    range (default [0, 1] for images, none for tabular data). ``fold_batchnorm``: fold ``Linear →
+    BatchNorm1d`` pairs before tracing (:mod:`mexit.export.fold`; off: the graph as trained, for comparison).
+    Raises :class:`BundleError` when parity fails or ``out_dir`` exists without ``overwrite``; nothing is left
+    behind on failure.
     """
     if policy not in POLICIES:
         raise ConfigError(f"unknown exit policy {policy!r}; use one of {', '.join(POLICIES)}")
@@ -120,7 +123,8 @@ def export_bundle(
             wrapper = StageExport(net.stages[k], net.heads[k], last=last).eval()
             rel = stage_file_name(k)
             res = export_onnx(wrapper, examples[k], root / rel, input_name=in_name, output_names=outputs,
-                              exporter=exporter, opset=opset, want_program=save_torch_programs)
+                              exporter=exporter, opset=opset, want_program=save_torch_programs,
+                              fold_batchnorm=fold_batchnorm)
             used.append(res.exporter)
             opsets.add(res.opset)
             programs.append(res.program)
@@ -140,7 +144,8 @@ def export_bundle(
             log.info("exported stage %d/%d (%s exporter)", k + 1, k_exits, res.exporter)
         full = FullExport(net).eval()
         res = export_onnx(full, examples[0], root / FULL_FILE, input_name=INPUT_NAME, output_names=[FULL_OUTPUT_NAME],
-                          exporter=exporter, opset=opset, want_program=save_torch_programs)
+                          exporter=exporter, opset=opset, want_program=save_torch_programs,
+                          fold_batchnorm=fold_batchnorm)
         used.append(res.exporter)
         opsets.add(res.opset)
 
@@ -158,6 +163,7 @@ def export_bundle(
             provenance=provenance(
                 exporters=sorted(set(used)),
                 opset=sorted(opsets),
+                batchnorm_folded=bool(fold_batchnorm),
                 **dict(provenance_extra or {}),
             ),
             model=ModelInfo(

@@ -74,6 +74,7 @@ def export_onnx(
     exporter: str = "auto",
     opset: int | None = None,
     want_program: bool = False,
+    fold_batchnorm: bool = True,
 ) -> ExportResult:
     """Export ``module`` (in eval mode) to ``path`` with ``input_name -> output_names`` and a dynamic batch;
     ``Linear → BatchNorm1d`` pairs are folded first (:mod:`mexit.export.fold`, on a copy)."""
@@ -82,7 +83,7 @@ def export_onnx(
     if example.shape[0] < 2:
         raise ValueError("the export example needs a batch of at least 2 so that the batch axis stays symbolic")
     module.eval()
-    module, folded = fold_linear_batchnorm(module)
+    module, folded = fold_linear_batchnorm(module) if fold_batchnorm else (module, 0)
     if folded:
         log.debug("folded %d Linear → BatchNorm1d pairs of %s", folded, path.name)
     program = None

@@ -61,3 +61,9 @@ def test_exported_stages_hold_no_batchnorm_after_a_gemm(tmp_path) -> None:
              for k in range(3)]
     assert norms == [0, 1, 0]  # only the norm after a ReLU is left (it cannot fold into a Linear)
     assert sum(isinstance(m, nn.BatchNorm1d) for m in model.modules()) == 5
+    assert bundle.manifest.provenance["batchnorm_folded"] is True
+    kept = load_bundle(export_bundle(model, tmp_path / "kept", sample_inputs=x, threshold=0.5, dataset_name="rows",
+                                     dataset_kind="tabular", exporter="legacy", save_torch_programs=False,
+                                     fold_batchnorm=False))
+    assert sum(node.op_type == "BatchNormalization" for k in range(3)
+               for node in onnx.load(str(kept.stage_path(k))).graph.node) == 5  # the graph as trained
