@@ -22,22 +22,15 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from runtime_latency import bare_loop  # a sibling script, importable once its folder is on sys.path
 
 from mexit._io import atomic_write_json, provenance
 from mexit.bundle import load_bundle
 from mexit.export import export_bundle
+from mexit.runtime.backends import session_options
 from mexit.train.runner import load_run
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "export_batchnorm_fold.json"
-
-
-def _sessions(bundle: Path) -> list[ort.InferenceSession]:
-    b = load_bundle(bundle)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return [ort.InferenceSession(str(b.stage_path(k)), so, providers=["CPUExecutionProvider"])
-            for k in range(b.manifest.model.num_exits)]
 
 
 def _ops(bundle: Path) -> dict[str, int]:
@@ -48,11 +41,13 @@ def _ops(bundle: Path) -> dict[str, int]:
     return dict(sorted(c.items()))
 
 
-def _chain(sessions: list[ort.InferenceSession], x: np.ndarray) -> int:
+def _chain(bare: tuple[list[ort.InferenceSession], list[list[str]], list[str]], x: np.ndarray) -> int:
+    """Nanoseconds for one pass of ``x`` through every stage (:func:`runtime_latency.bare_loop`'s sessions)."""
+    sessions, outputs, inputs = bare
     t0 = time.perf_counter_ns()
     h = x
-    for s in sessions:
-        h = s.run(None, {s.get_inputs()[0].name: h})[0]
+    for sess, out, name in zip(sessions, outputs, inputs, strict=True):
+        h = sess.run(out, {name: h})[0]
     return time.perf_counter_ns() - t0
 
 
@@ -71,7 +66,7 @@ def main() -> None:
             bundles[name] = export_bundle(run.model, Path(tmp) / name, sample_inputs=x_all[:32], threshold=0.9,
                                           dataset_name=run.dataset.name, dataset_kind=run.dataset.kind,
                                           exporter=args.exporter, save_torch_programs=False, fold_batchnorm=fold)
-        sessions = {k: _sessions(v) for k, v in bundles.items()}
+        sessions = {k: bare_loop(v, session_options(threads=1)) for k, v in bundles.items()}
         result: dict[str, Any] = {"benchmark": "export_batchnorm_fold", "run": str(args.run),
                                   "exporter": args.exporter, "ops": {k: _ops(v) for k, v in bundles.items()},
                                   "load_average_before": os.getloadavg()[0]}

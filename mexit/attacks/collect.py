@@ -636,18 +636,17 @@ def _run_adaptive(send: Callable[[int], Any], n: int, state: _Progress, plan: Ad
             lat, judge = _latencies(state), replace(model)
             if r >= first and pacer is not None:
                 judge, lat = _calibrated(model, pacer.calibration(), state)
+            pending = state.extra.get("round")  # a round the run was interrupted in: finish it as planned
+            resumed = pending is not None and pending["slot"] == r
             if r >= first and plan.offset:
-                pending = state.extra.get("round")
-                new_round = not state.attempted[:, r].any() and (pending is None or pending["slot"] != r)
-                if new_round and _offset_due(state, n):
+                if not resumed and not state.attempted[:, r].any() and _offset_due(state, n):
                     _estimate_offset(judge, lat, state)
                 model.offset = tuple(state.extra["offset"])  # type: ignore[assignment]
             judge.offset = model.offset
             post = _posterior(judge, lat)  # one posterior a round: the beliefs the pacer mirrors, and the test
             seen = np.isfinite(post[:, 0])
             believed[seen] = np.argmax(post[seen], axis=1)
-            pending = state.extra.get("round")  # a round the run was interrupted in: finish it as planned
-            if pending is not None and pending["slot"] == r:
+            if resumed:
                 todo, reps = np.asarray(pending["samples"], dtype=np.int64), int(pending["slots"])
             else:
                 todo = _round_order(seed, r, n)
@@ -746,7 +745,7 @@ def _calibrated(model: ExitTimingModel, cal: PacerCalibration | None, state: _Pr
     The centres are used whether or not the drift is: they are the shadow's exits measured under the target's
     current traffic (the pacer mirrors it), from hundreds of answers where the recording had a handful for a
     rare exit. A target that does not move with the pacer's host takes only their gaps (``clock=False``): the
-    level of the pacer's centres follows its host, and the target's offset is estimated once.
+    level of the pacer's centres follows its host, not the target.
     """
     lat = _latencies(state)
     if cal is None:

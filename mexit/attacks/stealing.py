@@ -904,8 +904,8 @@ class ExitTimingModel:
 
         ``clock=False`` keeps the model on its own clock and takes only the gaps between the new centres (they
         are moved back by the clocks' difference before the blend): for timings that do not share the new
-        clock, e.g. a target that does not move with the pacer's host, whose offset was estimated once
-        against this model's clock while the pacer's level keeps changing with its host.
+        clock, e.g. a target that does not move with the pacer's host, whose offset is estimated against this
+        model's clock while the pacer's level keeps changing with its host.
         """
         new = np.asarray(centres, dtype=np.float64)
         if new.shape != self.centres.shape:
