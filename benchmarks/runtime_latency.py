@@ -23,6 +23,9 @@ Measures, all in one run so that machine drift affects every side alike:
 * batch-64 and batch-256 throughput with per-sample exits vs the full-depth graph, against the FLOPs
   prediction, and one stage's time per call at 1–256 rows (why dropping rows saves less than their FLOPs);
 * the runtime's own Python per batch-1 call, warm and with cold caches (the model call stubbed out);
+* the same with the internal heads' large layers in int8 (``int8_heads=True``, :mod:`mexit.runtime.quantize`):
+  forced-exit latency next to float32, the realised speed-up and throughput, and the exit and label agreement
+  with the float32 runtime on the same samples (and both accuracies when the run's labels are there);
 * the realised speed-up and the throughput again with the stages as exported (``skip_conv=False``), i.e.
   without the rewrite that keeps residual stages in ONNX Runtime's blocked layout (:mod:`mexit.runtime.layout`).
 
@@ -276,6 +279,40 @@ def wrapper_cost(rt: EarlyExitRuntime, x1: np.ndarray, rounds: int) -> dict:
     return {"warm_us": warm, "cold_us": float(np.median(cold)) / 1e3}
 
 
+def forced_exit_latency(runtimes: dict[str, EarlyExitRuntime], x1: np.ndarray, rounds: int,
+                        rng: np.random.Generator) -> dict:
+    """Batch-1 median latency of every forced exit of several runtime configurations, all interleaved."""
+    jobs = [(name, k) for name in runtimes for k in range(next(iter(runtimes.values())).num_exits)]
+    samples: dict[tuple[str, int], list[int]] = {j: [] for j in jobs}
+    for _ in range(rounds):
+        for i in rng.permutation(len(jobs)):
+            name, k = jobs[i]
+            t0 = time.perf_counter_ns()
+            runtimes[name].predict(x1, force_exit=k)
+            samples[jobs[i]].append(time.perf_counter_ns() - t0)
+    return {name: [float(np.median(samples[(name, k)])) / 1e3 for k in range(len(samples) // len(runtimes))]
+            for name in runtimes}
+
+
+def agreement(reference: EarlyExitRuntime, other: EarlyExitRuntime, x: np.ndarray,
+              labels: np.ndarray | None) -> dict:
+    """How often ``other`` takes the same exit and gives the same label as ``reference`` on ``x`` (per-sample exits)."""
+    a, b = reference.predict(x), other.predict(x)
+    k = reference.num_exits
+    out = {"samples": len(x), "exit_agreement": float(np.mean(a.exit_index == b.exit_index)),
+           "label_agreement": float(np.mean(a.labels == b.labels)),
+           "max_abs_prob_diff_same_exit": float(np.abs(a.probs - b.probs)[a.exit_index == b.exit_index].max(initial=0)),
+           "exit_shares_reference": (np.bincount(a.exit_index, minlength=k) / len(x)).tolist(),
+           "exit_shares_other": (np.bincount(b.exit_index, minlength=k) / len(x)).tolist(),
+           "exits_moved": [[int(i), int(j), int(c)] for (i, j), c in zip(
+               *np.unique(np.stack([a.exit_index, b.exit_index], 1)[a.exit_index != b.exit_index], axis=0,
+                          return_counts=True), strict=True)]}
+    if labels is not None:
+        out["accuracy_reference"] = float(np.mean(a.labels == labels))
+        out["accuracy_other"] = float(np.mean(b.labels == labels))
+    return out
+
+
 def stage_cost_by_rows(bare: tuple[list[ort.InferenceSession], list[list[str]], list[str]], x: np.ndarray,
                        rounds: int, rows: tuple[int, ...] = (1, 4, 16, 64, 256)) -> dict:
     """Median time of one middle stage (with its head) per call at several row counts.
@@ -357,7 +394,9 @@ def main() -> None:
 
         run = load_run(args.run)
         x = run.dataset.inputs(run.splits.target_test[: args.samples])
+        labels = run.dataset.y[run.splits.target_test[: args.samples]]
     else:
+        labels = None
         shape = load_bundle(bundle_dir).manifest.input.sample_shape
         x = rng.random((args.samples, *shape), dtype=np.float32)
     rt = EarlyExitRuntime(bundle_dir, threshold=args.threshold, threads=args.threads)
@@ -403,6 +442,14 @@ def main() -> None:
     record["without_skip_conv"] = {
         "realised_speedup_batch1": realised_speedup(plain, x, full, args.repeats, rng),
         "throughput": [batched_throughput(plain, x, full, b, args.repeats * 2) for b in (64, 256)]}
+    # the internal heads' large layers in int8 (mexit.runtime.quantize, OrtCpuBackend(int8_heads=True)), same run
+    int8 = EarlyExitRuntime(bundle_dir, threshold=args.threshold, threads=args.threads, int8_heads=True)
+    int8.warmup(5)
+    record["int8_heads"] = {
+        "agreement_with_float32": agreement(rt, int8, x, labels),
+        "forced_exit_latency_us": forced_exit_latency({"float32": rt, "int8_heads": int8}, x[:1], args.rounds, rng),
+        "realised_speedup_batch1": realised_speedup(int8, x, full, args.repeats, rng),
+        "throughput": [batched_throughput(int8, x, full, b, args.repeats * 2) for b in (64, 256)]}
     record["runtime_wrapper_batch1"] = wrapper_cost(rt, x[:1], rounds=args.rounds)
     record["stage_cost_by_rows"] = stage_cost_by_rows(bare_loop(bundle_dir, opts), x, rounds=max(20, args.rounds // 5))
     record["load_average_1_5_15"] = {"before": list(load_before), "after": list(os.getloadavg()),
@@ -411,7 +458,7 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / name
     atomic_write_json(out, record)
     print(json.dumps({k: record[k] for k in ("arch", "dataset", "batch1", "internal_heads_batch1",
-                                             "realised_speedup_batch1", "throughput")},
+                                             "realised_speedup_batch1", "throughput", "int8_heads")},
                      indent=1))
     print(f"written to {out}")
 

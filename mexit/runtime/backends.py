@@ -173,6 +173,10 @@ class OrtCpuBackend:
     identity 1×1 convolution on that skip, so ONNX Runtime keeps the whole stage in its blocked layout
     (:mod:`mexit.runtime.layout`; ResNet-56 stage 1: −17 % at batch 64, −15 % at batch 1).
 
+    ``int8_heads=True`` (off by default; needs ``onnx``): the internal heads' large layers run with 8-bit weights
+    (:mod:`mexit.runtime.quantize`), which makes them cheap at batch 1, where reading their weights dominates;
+    exits and probabilities then differ slightly from the float32 model (the benchmark measures how often).
+
     ``single_graph`` (default: on when the ``onnx`` package is importable and the stage files total at
     most 512 MiB, since the graph holds every weight a second time): batch-1 calls run the whole chain
     as one graph with nested ``If`` nodes (:func:`early_exit_graph`, :meth:`predict_one`) — one
@@ -200,6 +204,7 @@ class OrtCpuBackend:
         fold_decision: bool = True,
         single_graph: bool | None = None,
         skip_conv: bool = True,
+        int8_heads: bool = False,
     ) -> None:
         refuse_gpu_options(self.name, device, fp16, gpu_backends=GPU_BACKENDS)
         rt = require_ort()
@@ -208,12 +213,15 @@ class OrtCpuBackend:
         so = session_options(threads=threads, spinning=spinning)
         fold = fold_decision and not io_binding
         # each stage file read once, for the stage sessions and the single graph
-        graphs = _stage_graphs(self.bundle, skip_conv=skip_conv) if fold or skip_conv or single_graph is not False \
-            else None
+        graphs = _stage_graphs(self.bundle, skip_conv=skip_conv, int8_heads=int8_heads) \
+            if fold or skip_conv or int8_heads or single_graph is not False else None
+        if int8_heads and graphs is None:
+            raise ConfigError("int8_heads needs the onnx package: pip install onnx")
         folded = None if graphs is None else _stage_models(self.bundle, graphs, fold=fold)
         self.folds_decision = fold and folded is not None
         self.options = {"threads": threads, "spinning": spinning, "io_binding": io_binding,
-                        "fold_decision": self.folds_decision, "skip_conv": skip_conv and folded is not None}
+                        "fold_decision": self.folds_decision, "skip_conv": skip_conv and folded is not None,
+                        "int8_heads": bool(int8_heads)}
 
         def make(path: Path) -> Any:
             model = folded.get(path) if folded else None
@@ -285,10 +293,11 @@ class OrtCpuBackend:
 FOLD_PREFIX = "mexit_decision_"
 
 
-def _stage_graphs(bundle: Bundle, *, skip_conv: bool) -> list[Any] | None:
+def _stage_graphs(bundle: Bundle, *, skip_conv: bool, int8_heads: bool = False) -> list[Any] | None:
     """Every stage's ``onnx.ModelProto`` in exit order, with ``skip_conv`` its residual skips read from the stage
     input routed through an identity 1×1 convolution so the stage stays in ONNX Runtime's blocked layout
-    (:mod:`mexit.runtime.layout`); None when the ``onnx`` package is not installed."""
+    (:mod:`mexit.runtime.layout`), with ``int8_heads`` the internal heads' large layers in 8 bits
+    (:mod:`mexit.runtime.quantize`); None when the ``onnx`` package is not installed."""
     try:
         import onnx
     except ImportError:
@@ -299,6 +308,11 @@ def _stage_graphs(bundle: Bundle, *, skip_conv: bool) -> list[Any] | None:
     if skip_conv:
         for model in graphs:
             route_skips_through_conv(model)
+    if int8_heads:
+        from mexit.runtime.quantize import quantize_internal_head
+
+        graphs = [quantize_internal_head(model, e.feature_output)[0]
+                  for model, e in zip(graphs, bundle.manifest.exits, strict=True)]
     return graphs
 
 
@@ -405,8 +419,12 @@ def early_exit_graph(bundle: Bundle, *, skip_conv: bool = True, graphs: list[Any
         inputs = [helper.make_tensor_value_info(f"s0_{e.input_name}", TensorProto.FLOAT, [1, *m.input.sample_shape])]
         inputs += [helper.make_tensor_value_info(SINGLE_TAU.format(j), TensorProto.FLOAT, [])
                    for j in range(k_exits - 1)]
+        domains: dict[str, int] = {}  # every stage's opsets (a quantised head adds com.microsoft)
+        for stage in stages:
+            for o in stage.opset_import:
+                domains[o.domain] = max(domains.get(o.domain, 0), o.version)
         model = helper.make_model(helper.make_graph(nodes, "early_exit", inputs, outputs, initializer=inits),
-                                  opset_imports=list(stages[0].opset_import))
+                                  opset_imports=[helper.make_opsetid(d, v) for d, v in domains.items()])
         model.ir_version = stages[0].ir_version
         return model.SerializeToString()
     return None

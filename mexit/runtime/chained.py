@@ -172,6 +172,14 @@ class EarlyExitRuntime(FixedShape):
             force_exit = int(force_exit)
         xs = validate_inputs(x, self._input_shape, self._kind)
         n = xs.shape[0]
+        if n == 1 and self._one is not None and not full_depth:
+            # One request through the single early-exit graph: its probability row is already a fresh array,
+            # so nothing is allocated and copied around it (this Python runs on every request's latency path).
+            with self._lock:
+                p, k = self._one(xs, self._taus(force_exit))
+            now = time.perf_counter_ns()
+            return Prediction(probs=p, labels=p.argmax(axis=1), exit_index=np.array([k], dtype=np.int64),
+                              latency_ns=np.array([now - t0], dtype=np.int64))
         probs = np.empty((n, self._num_classes), dtype=np.float32)
         exit_index = np.empty(n, dtype=np.int64)
         latency = np.empty(n, dtype=np.int64)

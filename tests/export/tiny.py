@@ -80,3 +80,12 @@ def mid_threshold(scores: np.ndarray, q: float = 0.5) -> float:
     i = min(max(int(q * len(s)), 1), len(s) - 1)
     assert s[i - 1] < s[i], "tied scores: pick other inputs"
     return float((s[i - 1] + s[i]) / 2)
+
+
+def assert_batch1_matches(rt, x: np.ndarray, want) -> None:
+    """Every sample of ``x`` alone through ``rt`` takes ``want``'s exit with ``want``'s probabilities (to 1e-6)."""
+    for i in range(len(x)):
+        got = rt.predict(x[i : i + 1])
+        assert got.exit_index[0] == want.exit_index[i], i
+        np.testing.assert_allclose(got.probs[0], want.probs[i], atol=1e-6)
+        assert got.latency_ns[0] > 0

@@ -178,11 +178,7 @@ def test_single_graph_batch1_matches_the_chain(conv_bundle, mlp_bundle, monkeypa
     one._one = lambda xi, taus: calls.append(1) or inner(xi, taus)
     want = chain.predict(x)
     assert len(np.unique(want.exit_index)) == 3
-    for i in range(len(x)):
-        got = one.predict(x[i : i + 1])
-        assert got.exit_index[0] == want.exit_index[i]
-        np.testing.assert_allclose(got.probs[0], want.probs[i], atol=1e-6)
-        assert got.latency_ns[0] > 0
+    tiny.assert_batch1_matches(one, x, want)
     assert len(calls) == len(x)
     for k in range(3):
         for i in (0, 7, 21):
