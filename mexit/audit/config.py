@@ -9,7 +9,8 @@ sections mirror the pipeline::
     [shadow]      arch (default: the target's), exits, data ("same-distribution" or a dataset name), data_root
     [vanilla]     attack (also attack the 1-exit baseline, which is always trained)
     [tau_sweep]   enabled, grid (leakage and cost vs τ, the vanilla model as a line)
-    [deployment]  mode ("server" | "in-process"), expose, expose_exit, port, threads, exporter, backend
+    [deployment]  mode ("server" | "in-process"), expose, expose_exit, port, threads, exporter, backend,
+                  backend_options (a table of the backend's own options, e.g. ``{int8_heads = true}``)
     [attacks]     names (registry names), adversaries ([1, 2, 3]), stealer, bootstrap, label_only options,
                   reference_models (LiRA/RMIA; 0 = the shadow as the one OUT reference), reference_workers
     [queries]     members, nonmembers, repeats, warmup, query_budget (adaptive querying of the target)
@@ -19,7 +20,9 @@ sections mirror the pipeline::
 Every model forbids unknown keys and checks ranges; cross-field rules (an architecture that cannot take
 the dataset, an attack the deployment does not expose enough for, Adversary 3 without a different shadow)
 are checked once the whole document is read. Every failure becomes one :class:`ConfigError` line naming
-the offending key. ``--set a.b=value`` overrides go through the same validation.
+the offending key. ``--set a.b=value`` overrides go through the same validation; a nested table takes a
+longer key, e.g. ``--set deployment.backend_options.int8_heads=true`` (the TOML ``[deployment.backend_options]``
+table), checked against the chosen backend's options as ``mexit serve --backend-opt`` is.
 
 Why the default looks the way it does: the embedded ``digits`` data are easy, so the threshold search of
 ``mexit train`` sends almost every sample out at exit 0, which leaves nothing for an exit-based attack to
@@ -37,7 +40,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mexit.errors import ConfigError
 
@@ -148,6 +159,10 @@ class DeploymentSection(_Section):
     threads: int = Field(1, ge=1, le=512)
     exporter: Literal["auto", "dynamo", "legacy"] = "legacy"
     backend: str = "onnxruntime"  # a registered runtime backend (mexit.runtime.backend_names())
+    #: The backend's own options, as ``mexit serve --backend-opt KEY=VALUE`` takes them (e.g. ``int8_heads = true``
+    #: for onnxruntime); given to the served runtime and to the owner's, so the audited timing channel is the
+    #: deployed one. ``threads`` stays ``deployment.threads``.
+    backend_options: dict[str, bool | int | float | str] = Field(default_factory=dict)
 
     @field_validator("backend")
     @classmethod
@@ -159,6 +174,45 @@ class DeploymentSection(_Section):
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return v
+
+    @field_validator("backend_options")
+    @classmethod
+    def _backend_takes_them(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "backend" not in info.data:  # the backend itself is invalid: that error is reported
+            return v
+        try:
+            return _backend_options(info.data["backend"], v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def _backend_options(backend: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` checked against ``backend``'s own (the registry's rules), strings coerced as on the command line."""
+    from mexit.runtime.registry import backend_spec, check_options, parse_backend_options
+
+    resolved = check_options(backend, options)
+    if "threads" in resolved:
+        raise ConfigError("set the runtime's threads with deployment.threads, not in backend_options")
+    defaults = backend_spec(backend).defaults
+    out: dict[str, Any] = {}
+    for key, value in resolved.items():
+        default = defaults.get(key)
+        if isinstance(value, str):
+            value = parse_backend_options(backend, [f"{key}={value}"])[key]
+        elif default is not None and not _same_kind(value, default):
+            kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a string")
+            raise ConfigError(f"backend {backend!r}: option {key} takes {kind}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether a typed config value fits an option whose default is ``default`` (an int is a float too)."""
+    if isinstance(default, str):
+        return False  # strings were coerced above
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    return isinstance(value, int) or (isinstance(default, float) and isinstance(value, float))
 
 
 class LabelOnlySection(_Section):

@@ -56,7 +56,7 @@ from mexit.audit.results import AUDIT_FILE, RESULTS_FILE, SCHEMA, check_run_dir
 from mexit.audit.store import StageResult, StageStore
 from mexit.data import Dataset, Splits, load_dataset, make_splits
 from mexit.errors import ConfigError, UserError
-from mexit.serve.deploy import NamedClient, check_port_free, deployed
+from mexit.serve.deploy import NamedClient, check_port_free, deployed, owner_runtime
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,17 @@ def _query_set(a: _Audit, ds: Dataset, splits: Splits, side: str) -> QuerySet:
                                n_nonmembers=a.cfg.queries.nonmembers)
 
 
+def _backend_deps(cfg: AuditConfig) -> dict[str, Any]:
+    """The deployment's backend in a stage key; its options only when some are set (earlier keys still hold)."""
+    opts = dict(cfg.deployment.backend_options)
+    return {"backend": cfg.deployment.backend, **({"backend_options": opts} if opts else {})}
+
+
+def _owner(cfg: AuditConfig, bundle: Path) -> Any:
+    """The owner's runtime on the deployed backend with its options: the true exits are the deployed ones."""
+    return owner_runtime(bundle, backend=cfg.deployment.backend, backend_opts=cfg.deployment.backend_options)
+
+
 def _collect_stage(a: _Audit, role: str, spec: dict[str, Any], export: StageResult, train: StageResult,
                    *, calibrate_from: StageResult | None = None, references: tuple[str, Any] | None = None
                    ) -> StageResult:
@@ -275,7 +286,7 @@ def _collect_stage(a: _Audit, role: str, spec: dict[str, Any], export: StageResu
     ds0 = a.dataset(spec["dataset"])
     plan = _plan(a, ds0)
     recorded = sorted(plan.signals)
-    deps = {"export": export.key, "mode": mode, "expose": cfg.deployment.expose, "backend": cfg.deployment.backend,
+    deps = {"export": export.key, "mode": mode, "expose": cfg.deployment.expose, **_backend_deps(cfg),
             "expose_exit": cfg.deployment.expose_exit, "threads": cfg.deployment.threads,
             "members": cfg.queries.members, "nonmembers": cfg.queries.nonmembers, "repeats": repeats,
             "warmup": warmup, "seed": cfg.seed, "signals": recorded, "query_rule": "seeded-draw",
@@ -285,13 +296,11 @@ def _collect_stage(a: _Audit, role: str, spec: dict[str, Any], export: StageResu
             "references": None if references is None or "reference_score" not in plan.signals else references[0]}
 
     def fn(path: Path) -> dict[str, Any]:
-        from mexit.runtime import EarlyExitRuntime
-
         ds = a.dataset(spec["dataset"])
         splits = Splits.load(train.path / "run" / "splits.npz")
         q = _query_set(a, ds, splits, "shadow" if spec["role"] == "shadow" else "target")
         bundle = export.path / "bundle"
-        owner = EarlyExitRuntime(bundle)
+        owner = _owner(cfg, bundle)
         calibration, adaptive = None, None
         if calibrate_from is not None:
             shadow_signals = Signals.load(calibrate_from.path / "signals.npz")
@@ -300,7 +309,7 @@ def _collect_stage(a: _Audit, role: str, spec: dict[str, Any], export: StageResu
                 adaptive = adaptive_plan(plan, shadow_signals)
         with deployed(bundle, mode=mode, expose=cfg.deployment.expose, expose_exit=cfg.deployment.expose_exit,
                       threads=cfg.deployment.threads, port=cfg.deployment.port,
-                      backend=cfg.deployment.backend) as served:
+                      backend=cfg.deployment.backend, backend_opts=cfg.deployment.backend_options) as served:
             client = NamedClient(served, role)
             signals = collect(client, q, plan, role=role, owner=owner, calibration=calibration,
                               white_box=_white_box(a, train, export) if "gradient" in plan.signals else None,
@@ -558,18 +567,16 @@ def _live_stage(a: _Audit, dres: StageResult, ctx: dict[str, Any], export: Stage
         return None
     config = parse_defense(rec["defense"], rec["params"])
     deps = {"defenses": dres.key, "export": export.key, "target": target.key, "mode": cfg.deployment.mode,
-            "expose": cfg.deployment.expose, "threads": cfg.deployment.threads, "backend": cfg.deployment.backend,
+            "expose": cfg.deployment.expose, "threads": cfg.deployment.threads, **_backend_deps(cfg),
             "defense": config.to_json(), "reference": "fresh-undefended"}
 
     def fn(path: Path) -> dict[str, Any]:
-        from mexit.runtime import EarlyExitRuntime
-
         _set_threads(a)
         c = ctx["load"]()
         base: Signals = c["t"]
         ds = a.dataset(cfg.dataset.name)
         x = ds.inputs(base.sample_index)
-        owner = EarlyExitRuntime(export.path / "bundle")
+        owner = _owner(cfg, export.path / "bundle")
 
         def record(role: str, guarded: bool) -> Signals:
             """Serve the target (guarded or not) and record it; resumable per role."""
@@ -578,7 +585,8 @@ def _live_stage(a: _Audit, dres: StageResult, ctx: dict[str, Any], export: Stage
                 return Signals.load(out_file)
             with deployed(export.path / "bundle", mode=cfg.deployment.mode, expose=cfg.deployment.expose,
                           expose_exit=False, threads=cfg.deployment.threads, port=cfg.deployment.port,
-                          backend=cfg.deployment.backend, defense=config.name if guarded else None,
+                          backend=cfg.deployment.backend, backend_opts=cfg.deployment.backend_options,
+                          defense=config.name if guarded else None,
                           defense_params=config.params if guarded else None,
                           key_file=a.target_key_file() if guarded else None) as served:
                 sig = collect_signals(NamedClient(served, f"target-{role}"), x, base.true_label, base.member,

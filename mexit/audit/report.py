@@ -476,6 +476,13 @@ def _img(name: str, figures: dict[str, str], alt: str) -> str:
     return f'<figure><img id="fig-{name}" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></figure>'
 
 
+def backend_label(deployment: dict[str, Any]) -> str:
+    """The deployed backend with its own options, e.g. ``onnxruntime (int8_heads=true)``."""
+    opts = deployment.get("backend_options") or {}
+    shown = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(opts.items()))
+    return str(deployment.get("backend", "onnxruntime")) + (f" ({shown})" if shown else "")
+
+
 def render_html(results: dict[str, Any], figures: dict[str, str]) -> str:
     """The report page (figures given as base64 PNG by name)."""
     cfg = results["config"]
@@ -486,7 +493,8 @@ def render_html(results: dict[str, Any], figures: dict[str, str]) -> str:
              f"{html.escape(target['dataset'])}</h1>",
              "<div class='verdict'><b>Verdict</b><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdict(results))
              + "</ul></div>",
-             f"<p class='muted'>Deployment: {html.escape(cfg['deployment']['mode'])}, exposes "
+             f"<p class='muted'>Deployment: {html.escape(cfg['deployment']['mode'])} on "
+             f"{html.escape(backend_label(cfg['deployment']))}, exposes "
              f"{html.escape(cfg['deployment']['expose'])}{' and exits' if cfg['deployment']['expose_exit'] else ''}; "
              f"threshold τ={target['deployed_threshold']:.3f} ({html.escape(str(target['threshold_source']))}); "
              f"{cfg['queries']['members']} members + {cfg['queries']['nonmembers']} non-members queried "

@@ -39,11 +39,16 @@ def is_url(where: str | Path) -> bool:
     return str(where).startswith(("http://", "https://"))
 
 
-def owner_runtime(bundle: str | Path, *, threads: int = 1, backend: str = "onnxruntime") -> Any:
-    """An in-process runtime on ``bundle`` for the owner's ground truth (exits, losses)."""
+def owner_runtime(bundle: str | Path, *, threads: int = 1, backend: str = "onnxruntime",
+                  backend_opts: Mapping[str, Any] | None = None) -> Any:
+    """An in-process runtime on ``bundle`` for the owner's ground truth (exits, losses).
+
+    ``backend_opts``: the backend's own options; give the deployment's, so that the true exits are the ones
+    the deployment takes (e.g. with ``int8_heads`` a few samples leave at another exit than in float32).
+    """
     from mexit.runtime import EarlyExitRuntime
 
-    return EarlyExitRuntime(bundle, backend=backend, threads=threads)
+    return EarlyExitRuntime(bundle, backend=backend, threads=threads, **dict(backend_opts or {}))
 
 
 def connect(where: str | Path, *, model_name: str | None = None, bundle: str | Path | None = None,
@@ -105,18 +110,21 @@ def deployed(
     threads: int = 1,
     port: int = 0,
     backend: str = "onnxruntime",
+    backend_opts: Mapping[str, Any] | None = None,
     defense: str | None = None,
     defense_params: Mapping[str, Any] | None = None,
     key_file: str | Path | None = None,
 ) -> Iterator[Any]:
     """A client of ``bundle`` deployed in ``mode`` ("server" or "in-process"); always torn down on exit.
 
+    ``backend_opts``: the backend's own options (``mexit serve --backend-opt KEY=VALUE`` for a server).
     ``defense``: a registered defense name (:func:`mexit.defense.defense_names`) with its ``defense_params``.
     """
     if mode == "server":
         check_port_free(port)
         server = ServerProcess(bundle, port=port, expose=expose, expose_exit=expose_exit, threads=threads,
-                               backend=backend, defense=defense, defense_params=defense_params, key_file=key_file)
+                               backend=backend, backend_opts=backend_opts, defense=defense,
+                               defense_params=defense_params, key_file=key_file)
         with server:
             log.info("serving %s at %s (pid %d)", Path(bundle).name, server.url, server.pid)
             client = OIPClient(server.url, server.model_name, timeout_s=30.0)
@@ -129,8 +137,8 @@ def deployed(
         raise ConfigError(f"unknown deployment mode {mode!r}; choose 'server' or 'in-process'")
     from mexit.serve.factory import build_served_runtime
 
-    served = build_served_runtime(bundle, backend=backend, threads=threads, defense=defense,
-                                  defense_params=defense_params, key_file=key_file)
+    served = build_served_runtime(bundle, backend=backend, threads=threads, backend_opts=backend_opts,
+                                  defense=defense, defense_params=defense_params, key_file=key_file)
     client = LocalClient(served.runtime, model_name=served.model_name, expose=expose,  # type: ignore[arg-type]
                          expose_exit=expose_exit)
     try:

@@ -139,6 +139,13 @@ def _health_ready(url: str) -> bool:
         conn.close()
 
 
+def _cli_value(value: Any) -> str:
+    """A backend option's value as ``--backend-opt KEY=VALUE`` spells it (``true``/``false``, ``none``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "none" if value is None else str(value)
+
+
 class ServerProcess:
     """``mexit serve …`` (``python -m mexit.cli serve``) in a child process on a free loopback port.
 
@@ -147,7 +154,8 @@ class ServerProcess:
     Starts on ``__enter__`` (or :meth:`start`), waits until ``/v2/health/ready`` answers, and always
     terminates the child on ``__exit__`` (or :meth:`stop`), also when the body raised. Give either a
     ``bundle`` directory, or a ``factory`` (``"module:callable"`` returning a Runtime, with JSON-able
-    ``factory_kwargs``). ``url``, ``model_name`` and ``pid`` are known once started.
+    ``factory_kwargs``). ``url``, ``model_name`` and ``pid`` are known once started. ``backend_opts``: the
+    backend's own options, passed as ``--backend-opt KEY=VALUE`` (the child coerces them to the option's type).
     """
 
     def __init__(
@@ -163,6 +171,7 @@ class ServerProcess:
         expose_exit: bool = False,
         backend: str | None = None,
         threads: int | None = None,
+        backend_opts: Mapping[str, Any] | None = None,
         max_body_mb: float | None = None,
         max_batch: int | None = None,
         defense: str | None = None,
@@ -188,6 +197,8 @@ class ServerProcess:
         for flag, value in optional.items():
             if value is not None:
                 args += [flag, str(value)]
+        for key, value in (backend_opts or {}).items():
+            args += ["--backend-opt", f"{key}={_cli_value(value)}"]
         for key, value in (defense_params or {}).items():
             args += ["--param", f"{key}={value}"]
         if expose_exit:

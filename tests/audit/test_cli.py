@@ -47,6 +47,7 @@ def test_print_config_applies_overrides(group):
     [
         (["audit", "--set", "target.exits=9"], "invalid config key target.exits"),
         (["audit", "--set", "target.colour=1"], "unknown config key target.colour"),
+        (["audit", "--set", "deployment.backend_options.int8_head=true"], "takes no option 'int8_head'"),
         (["audit", "{tmp}/missing.toml"], "does not exist"),
         (["report", "{tmp}"], "holds no results.json"),
         (["sweep", "{tmp}/missing.toml"], "does not exist"),

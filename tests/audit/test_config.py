@@ -81,6 +81,14 @@ def test_unknown_keys_are_refused_with_the_allowed_ones(overrides, needle):
         (["timeguard.key_file='/no/such/key'"], "timeguard.key_file", "mexit keygen"),
         (["attacks.names=['score', 'nope']"], "attacks.names", "unknown attack 'nope'"),
         (["attacks.adversaries=[1, 1]"], "attacks.adversaries", "distinct"),
+        # a backend's own options are checked against that backend's (the registry's rules)
+        (["deployment.backend_options.int8_head=true"], "deployment.backend_options",
+         "backend 'onnxruntime' takes no option 'int8_head'; its options are threads, device, fp16, "),
+        (["deployment.backend_options.int8_heads=2"], "deployment.backend_options",
+         "option int8_heads takes true or false, got 2"),
+        (["deployment.backend_options.int8_heads='maybe'"], "deployment.backend_options", "takes true/false"),
+        (["deployment.backend_options.threads=2"], "deployment.backend_options", "deployment.threads"),
+        (["deployment.backend_options.fp16=1"], "deployment.backend_options", "fp16 must be true or false"),
     ],
 )
 def test_cross_field_rules(overrides, key, needle):
@@ -162,3 +170,17 @@ def test_a_bad_defense_says_which_ones_exist():
         default_config(["defenses=[{name='nope'}]"])
     with pytest.raises(ConfigError, match=r"epsilon must be in \[0, 1 - 1/K\]"):
         default_config(["defenses=[{name='optimal', params={epsilon=2}}]"])
+
+
+def test_backend_options_are_the_backends_own_in_toml_or_set(tmp_path):
+    path = tmp_path / "audit.toml"
+    path.write_text(toml_of(TINY) + "\n[deployment.backend_options]\nint8_heads = true\n")
+    from_file = load_config(path)
+    assert from_file.deployment.backend_options == {"int8_heads": True}
+    assert default_config().deployment.backend_options == {}
+    from_set = default_config(["deployment.backend_options.int8_heads=true"])
+    assert from_set.deployment.backend_options == {"int8_heads": True}
+    assert from_set.digest() != default_config().digest()
+    # strings are coerced as ``mexit serve --backend-opt`` does: the string "false" is not a true value
+    assert default_config(["deployment.backend_options.int8_heads='false'"]).deployment.backend_options == {
+        "int8_heads": False}

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from mexit.audit import pipeline
+from mexit.audit.config import make_audit_config
 from mexit.audit.pipeline import run_audit
 from mexit.audit.results import AUDIT_FILE, RESULTS_FILE, SCHEMA, load_results
+from mexit.audit.store import StageStore
 from mexit.errors import ConfigError, DataError, UserError
 from tests.audit._tiny import TINY, copy_trained, tiny
 
@@ -187,6 +189,56 @@ def test_server_is_stopped_when_a_stage_fails(tiny_run, tmp_path, monkeypatch, e
     while _alive(started[0]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(started[0]), "the audit left its server running"
+
+
+def test_backend_options_key_the_deployment_stages_only_when_set():
+    plain = make_audit_config(TINY)
+    on = make_audit_config(tiny(deployment={"backend_options": {"int8_heads": True}}))
+    off = make_audit_config(tiny(deployment={"backend_options": {"int8_heads": False}}))
+    assert pipeline._backend_deps(plain) == {"backend": "onnxruntime"}  # the keys of earlier runs still hold
+    assert pipeline._backend_deps(on) == {"backend": "onnxruntime", "backend_options": {"int8_heads": True}}
+    keys = {StageStore.key_of("collect-target", {"export": "e", **pipeline._backend_deps(c)}) for c in (plain, on, off)}
+    assert len(keys) == 3
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["in-process", "server"])
+def test_backend_options_reach_the_deployment_and_the_owner(tiny_run, tmp_path, monkeypatch, mode):
+    """``deployment.backend_options`` run the deployed runtime (a ``mexit serve --backend-opt`` child, or the
+    in-process one) and the owner's ground truth with int8 heads, in a collection stage of its own."""
+    out, _ = tiny_run
+    run_dir = copy_trained(out, tmp_path / "int8")
+    import mexit.serve.deploy as deploy
+    from mexit.attacks import flow
+
+    seen = {}
+
+    class Recording(deploy.ServerProcess):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["args"] = self.args
+
+    def stop_collecting(client, *args, true_exit_runtime=None, **kwargs):
+        assert client.ready()  # the child took the option and serves
+        seen["client"], seen["owner"] = client, true_exit_runtime
+        raise _Stop
+
+    monkeypatch.setattr(deploy, "ServerProcess", Recording)
+    monkeypatch.setattr(flow, "collect_signals", stop_collecting)
+    with pytest.raises(_Stop):
+        run_audit(tiny(deployment={"mode": mode, "backend_options": {"int8_heads": True}}), run_dir, progress=False)
+    assert seen["owner"].backend.options["int8_heads"] is True
+    if mode == "server":
+        pairs = list(zip(seen["args"], seen["args"][1:], strict=False))
+        assert ("--backend-opt", "int8_heads=true") in pairs
+    else:
+        assert seen["client"]._client.runtime.backend.options["int8_heads"] is True
+        old = {p.name for p in out.glob("collect-shadow-*")}
+        new = {p.name for p in run_dir.glob("collect-shadow-*")}
+        assert new and not new & old  # the same deployment without int8 heads is another stage
 
 
 def test_port_in_use_is_one_clear_error_before_anything_is_written(tmp_path):

@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from mexit.audit.report import FIGURES, build_report, summary_table, verdict
+from mexit.audit.report import FIGURES, backend_label, build_report, render_html, summary_table, verdict
 from mexit.audit.results import REPORT_FILE
 from mexit.errors import UserError
 
@@ -59,6 +59,14 @@ def test_verdict_and_summary_table_state_the_headline_numbers(tiny_run):
     assert any("paper.txt line 178" in line for line in lines)  # the paper's own words, with their line
     table = summary_table(results)
     assert "loss-hybrid" in table and "padding(" in table and "(* recommended" in table
+
+
+def test_the_deployed_backend_is_shown_with_its_own_options(tiny_run):
+    _, results = tiny_run
+    assert "Deployment: in-process on onnxruntime, exposes" in render_html(results, {})
+    deployment = {**results["config"]["deployment"], "backend_options": {"int8_heads": True, "spinning": False}}
+    assert backend_label(deployment) == "onnxruntime (int8_heads=true, spinning=false)"
+    assert backend_label({"mode": "server"}) == "onnxruntime"  # results written before the options existed
 
 
 def test_report_is_rebuilt_from_results_and_artifacts(tiny_run, tmp_path, monkeypatch):

@@ -154,3 +154,24 @@ def test_deployed_applies_a_registered_defense(mlp_bundle: Path, tmp_path: Path,
         start = time.perf_counter()
         client.infer(x)
         assert time.perf_counter() - start >= 0.005  # released no earlier than the 5 ms margin
+
+
+def test_backend_options_reach_the_in_process_and_the_owner_runtime(mlp_bundle: Path) -> None:
+    from mexit.serve import deployed
+    from mexit.serve.deploy import owner_runtime
+
+    assert owner_runtime(mlp_bundle, backend_opts={"int8_heads": True}).backend.options["int8_heads"] is True
+    assert owner_runtime(mlp_bundle).backend.options["int8_heads"] is False
+    with deployed(mlp_bundle, mode="in-process", backend_opts={"int8_heads": True}) as client:
+        assert client.runtime.backend.options["int8_heads"] is True
+
+
+def test_backend_options_are_passed_to_the_server_child(mlp_bundle: Path) -> None:
+    from mexit.errors import UserError
+
+    server = ServerProcess(mlp_bundle, backend_opts={"int8_heads": True, "single_graph": None, "spinning": False})
+    assert server.args[-6:] == ["--backend-opt", "int8_heads=true", "--backend-opt", "single_graph=none",
+                                "--backend-opt", "spinning=false"]
+    with pytest.raises(UserError, match="takes no option 'int8_head'"), \
+            ServerProcess(mlp_bundle, backend_opts={"int8_head": True}, startup_timeout_s=60):
+        pass  # the child parses them as ``mexit serve --backend-opt`` does, so a misspelt one stops it
