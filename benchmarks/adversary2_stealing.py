@@ -103,11 +103,13 @@ class _QueryLog:
 
 def servers(kind: str, bundle: Path, args: argparse.Namespace, seed: int) -> ServerProcess:
     if kind == "plain":
-        return ServerProcess(bundle, threads=args.threads, model_name="m")
+        return ServerProcess(bundle, threads=args.threads, model_name="m",
+                             extra_args=["--backend-opt", "int8_heads=true"] if args.int8_heads else ())
     return ServerProcess(factory=JITTER_FACTORY, model_name="m",
                          factory_kwargs={"bundle": str(bundle), "overhead_ms": args.overhead_ms,
                                          "sigma": args.jitter_sigma, "spike_p": args.spike_p,
-                                         "spike_ms": args.spike_ms, "seed": seed, "threads": args.threads})
+                                         "spike_ms": args.spike_ms, "seed": seed, "threads": args.threads,
+                                         "backend_opts": {"int8_heads": args.int8_heads}})
 
 
 def analyse_fixed(kind: str, shadow: Signals, target: Signals, args: argparse.Namespace) -> dict[str, Any]:
@@ -241,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-drift-correction", action="store_true",
                    help="adaptive: decide on raw timings and the shadow recording's centres (the pacer only paces)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--int8-heads", action="store_true",
+                   help="target and shadow served with int8 internal heads (mexit serve --backend-opt int8_heads=true)")
     p.add_argument("--overhead-ms", type=float, default=3.0, help="jittery: median added overhead (lognormal)")
     p.add_argument("--jitter-sigma", type=float, default=0.1, help="jittery: lognormal shape")
     p.add_argument("--spike-p", type=float, default=0.01, help="jittery: share of requests with a spike")
@@ -284,12 +288,13 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     pools = {"target": attack_pool(args.target_run, "target", args.samples, rng, args.data_root),
              "shadow": attack_pool(args.shadow_run, "shadow", args.samples, rng, args.data_root)}
-    runtimes = {"target": EarlyExitRuntime(args.target_bundle, threads=args.threads),
-                "shadow": EarlyExitRuntime(args.shadow_bundle, threads=args.threads)}
+    runtimes = {"target": EarlyExitRuntime(args.target_bundle, threads=args.threads, int8_heads=args.int8_heads),
+                "shadow": EarlyExitRuntime(args.shadow_bundle, threads=args.threads, int8_heads=args.int8_heads)}
     result: dict[str, Any] = {
         "target": {"bundle": str(args.target_bundle), "run": str(args.target_run)},
         "shadow": {"bundle": str(args.shadow_bundle), "run": str(args.shadow_run)},
-        "samples_per_deployment": args.samples, "repeats": args.repeats, "budgets": args.budgets,
+        "int8_heads": args.int8_heads, "samples_per_deployment": args.samples, "repeats": args.repeats,
+        "budgets": args.budgets,
         "confidence": args.confidence, "adaptive_offset": not args.no_offset, "pace_share": args.pace_share,
         "jitter": {"overhead_ms": args.overhead_ms, "sigma": args.jitter_sigma, "spike_p": args.spike_p,
                    "spike_ms": args.spike_ms},

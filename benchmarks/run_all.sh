@@ -38,3 +38,16 @@ python benchmarks/decision_pause.py --target-bundle /tmp/a2/tb --target-run /tmp
   --out $R/decision_pause.json
 python benchmarks/timeguard_claim.py runs/audit-location-s0 runs/audit-location-s1 runs/audit-location-s2 \
   --out $R/timeguard_claim_location.json
+# Issue 14, session 7: where a batch-1 early exit spends its time, and the timing channel with int8 heads
+python benchmarks/runtime_breakdown.py --run runs/cifar10/e50-n600/resnet56-x6-target \
+  --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 --repeats 5
+python benchmarks/runtime_breakdown.py --run runs/audit-location/train-target-*/run \
+  --bundle runs/audit-location/export-target-*/bundle --repeats 5
+for s in 31 32 33 34 35; do
+  n=$([ $s -ge 34 ] && echo 400 || echo 200)
+  for m in float32 int8; do
+    python benchmarks/adversary2_stealing.py --target-bundle /tmp/a2/tb --target-run /tmp/a2/t \
+      --shadow-bundle /tmp/a2/sb --shadow-run /tmp/a2/s --kinds plain --samples $n --repeats 10 --budgets 2,3 \
+      --seed $s $([ $m = int8 ] && echo --int8-heads) --out $R/adversary2_stealing_int8heads_${m}_n${n}_s$s.json
+  done
+done

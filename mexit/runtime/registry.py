@@ -72,6 +72,13 @@ class BackendSpec:
         params = inspect.signature(self.cls.__init__).parameters.values()
         return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
+    @property
+    def annotations(self) -> dict[str, str]:
+        """Each option's type annotation as written (e.g. ``"bool | None"``): the type of an option whose
+        default is None (``single_graph``), for coercing command-line strings."""
+        params = inspect.signature(self.cls.__init__).parameters.values()
+        return {p.name: str(p.annotation) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
 
 _REGISTRY: dict[str, BackendSpec] = {}
 _loaded = False
@@ -174,12 +181,15 @@ def get_backend(name: str, bundle: Bundle | str | os.PathLike[str], **opts: Any)
     return backend_spec(name).cls(load_bundle(bundle), **resolved)  # type: ignore[no-any-return]
 
 
-def _coerce(name: str, key: str, raw: str, default: Any) -> Any:
+def _coerce(name: str, key: str, raw: str, default: Any, annotation: str = "") -> Any:
     text = raw.strip()
     if text.lower() in ("none", "null"):
         return None
     if key == "device":
         return int(text) if text.isdigit() else text
+    if default is None:  # None means "auto": the annotation says what else the option takes
+        kinds = {part.strip() for part in annotation.split("|")}
+        default = False if "bool" in kinds else 0 if "int" in kinds else 0.0 if "float" in kinds else None
     if isinstance(default, bool) or key == "fp16":
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -206,7 +216,7 @@ def parse_backend_options(name: str, pairs: Sequence[str]) -> dict[str, Any]:
     gives None), so ``--backend-opt io_binding=true --backend-opt provider=tensorrt`` just works.
     """
     spec = backend_spec(name)
-    defaults = spec.defaults
+    defaults, annotations = spec.defaults, spec.annotations
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -216,7 +226,7 @@ def parse_backend_options(name: str, pairs: Sequence[str]) -> dict[str, Any]:
         key = ALIASES.get(key, key) if key not in spec.options else key
         if key not in spec.options:
             raise ConfigError(f"backend {name!r} takes no option {key!r}; its options are {', '.join(spec.options)}")
-        out[key] = _coerce(name, key, raw, defaults.get(key))
+        out[key] = _coerce(name, key, raw, defaults.get(key), annotations.get(key, ""))
     return out
 
 

@@ -98,11 +98,13 @@ class JitteryRuntime:
 
 
 def jittery_bundle(bundle: str, *, overhead_ms: float = 3.0, sigma: float = 0.1, spike_p: float = 0.01,
-                   spike_ms: float = 5.0, seed: int = 0, threads: int = 1, backend: str | None = None) -> Any:
-    """Factory for ``--factory``: the bundle served as ``mexit serve`` would, behind a :class:`JitteryRuntime`."""
+                   spike_ms: float = 5.0, seed: int = 0, threads: int = 1, backend: str | None = None,
+                   backend_opts: dict[str, Any] | None = None) -> Any:
+    """Factory for ``--factory``: the bundle served as ``mexit serve`` would, behind a :class:`JitteryRuntime`
+    (``backend_opts``: the backend's own options, as ``mexit serve --backend-opt`` passes them)."""
     from mexit.serve.factory import ServedRuntime, build_served_runtime
 
-    opts: dict[str, Any] = {"threads": threads}
+    opts: dict[str, Any] = {"threads": threads, "backend_opts": backend_opts}
     if backend is not None:
         opts["backend"] = backend
     served = build_served_runtime(bundle, **opts)

@@ -77,6 +77,9 @@ def test_parse_backend_options_coerces_to_the_option_types():
     assert parse_backend_options("torch", ["device=cuda:1", "cuda-graphs=yes"]) == {"device": "cuda:1",
                                                                                      "cuda_graphs": True}
     assert parse_backend_options("onnxruntime", ["intra_op_threads=4"]) == {"threads": 4}
+    # an option whose default is None ("auto") takes its annotation's type, not a truthy string
+    assert parse_backend_options("onnxruntime", ["single_graph=false"]) == {"single_graph": False}
+    assert parse_backend_options("onnxruntime", ["single_graph=none"]) == {"single_graph": None}
     with pytest.raises(ConfigError, match="key=value"):
         parse_backend_options("onnxruntime", ["io_binding"])
     with pytest.raises(ConfigError, match="takes no option 'provider'"):

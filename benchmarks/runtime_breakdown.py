@@ -1,0 +1,183 @@
+"""Where a batch-1 early exit spends its time beyond its FLOPs: backbone, heads and decision, ``If`` nesting, Python.
+
+For every exit k, on the run's test samples, each configuration timed in blocks (every sample through one
+configuration, then the next, in a fresh random order per repeat: a deployment's steady state), one ONNX
+Runtime thread:
+
+* ``backbone``: the stages' backbones alone (heads cut off with ``onnx.utils.extract_model``) chained by the same
+  nested ``If`` nodes as the early-exit graph, leaving at exit k (its condition fed ``True``, the earlier ones
+  ``False``; the exit branch is one ``ReduceMean`` of the features);
+* ``single_float32`` / ``single_int8_heads``: the runtime's single early-exit graph forced to exit k, run with
+  ``session.run`` (no runtime Python), heads in float32 / with ``int8_heads`` (:mod:`mexit.runtime.quantize`);
+* ``runtime_int8_heads``: ``EarlyExitRuntime.predict(x, force_exit=k)`` with int8 heads (the Python around it);
+* once: the bundle's full-depth graph (one flat graph, no heads), next to the nested backbone at the last exit —
+  what the nesting itself costs.
+
+So ``single - backbone`` is what the heads and the exit decisions add at exit k, ``runtime - single`` is the
+runtime's Python, and ``nested - flat`` is the price of ``If`` nesting, which no head optimisation can win back.
+
+    python benchmarks/runtime_breakdown.py --run RUN_DIR --bundle BUNDLE [--threshold T] [--out …]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, compose, helper, utils
+
+from mexit._io import atomic_write_json, provenance
+from mexit.bundle import load_bundle
+from mexit.runtime import EarlyExitRuntime
+from mexit.runtime.backends import _stage_graphs, early_exit_graph, session_options
+
+
+def _session(model: bytes | Path, threads: int) -> ort.InferenceSession:
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), session_options(threads=threads),
+                                providers=["CPUExecutionProvider"])
+
+
+def nested_backbone(bundle_dir: Path, tmp: Path, threads: int) -> list[Callable[[np.ndarray], object]]:
+    """One callable per exit k: the backbone-only stages chained by nested ``If`` nodes as in the early-exit graph,
+    leaving at exit k."""
+    b = load_bundle(bundle_dir)
+    m = b.manifest
+    k_exits = m.model.num_exits
+    stages = []
+    for k, (model, e) in enumerate(zip(_stage_graphs(b, skip_conv=True), m.exits, strict=True)):
+        src, cut = tmp / f"stage{k}.onnx", tmp / f"stage{k}_backbone.onnx"
+        onnx.save(model, str(src))
+        utils.extract_model(str(src), str(cut), [e.input_name], [e.feature_output or e.logits_output])
+        stages.append(compose.add_prefix(onnx.load(str(cut)), f"s{k}_"))
+    for k in range(1, k_exits):
+        src, dst = f"s{k}_{m.exits[k].input_name}", f"s{k - 1}_{m.exits[k - 1].feature_output}"
+        for node in stages[k].graph.node:
+            node.input[:] = [dst if name == src else name for name in node.input]
+
+    def out(name: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+
+    last = f"s{k_exits - 1}_{m.exits[-1].logits_output}"
+    g = stages[-1].graph
+    inner = helper.make_graph([*g.node, helper.make_node("Identity", [last], ["o_last"])], "last", [], [out("o_last")],
+                              initializer=list(g.initializer))
+    for k in range(k_exits - 2, -1, -1):
+        g, feature = stages[k].graph, f"s{k}_{m.exits[k].feature_output}"
+        then = helper.make_graph([helper.make_node("ReduceMean", [feature], [f"t{k}"], keepdims=0)], f"then{k}", [],
+                                 [out(f"t{k}")])
+        result = "result" if k == 0 else f"o{k}"
+        nodes = [*g.node, helper.make_node("If", [f"cond{k}"], [result], then_branch=then, else_branch=inner)]
+        if k:
+            inner = helper.make_graph(nodes, f"stage{k}", [], [out(result)], initializer=list(g.initializer))
+    x_in = f"s0_{m.exits[0].input_name}"
+    inputs = [helper.make_tensor_value_info(x_in, TensorProto.FLOAT, [1, *m.input.sample_shape])]
+    inputs += [helper.make_tensor_value_info(f"cond{j}", TensorProto.BOOL, []) for j in range(k_exits - 1)]
+    model = helper.make_model(helper.make_graph(nodes, "nested", inputs, [out("result")],
+                                                initializer=list(stages[0].graph.initializer)),
+                              opset_imports=list(stages[0].opset_import))
+    model.ir_version = stages[0].ir_version
+    sess = _session(model.SerializeToString(), threads)
+    runs = []
+    for k in range(k_exits):
+        conds = {f"cond{j}": np.array(j == k) for j in range(k_exits - 1)}
+        runs.append(lambda x, c=conds: sess.run(None, {x_in: x, **c}))
+    return runs
+
+
+def blocked(jobs: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, repeats: int,
+            rng: np.random.Generator) -> dict[str, float]:
+    """Mean µs per sample of each job, every sample through one job in a block; median over ``repeats``."""
+    for job in jobs.values():
+        for i in range(min(20, len(x))):
+            job(x[i : i + 1])
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    names = list(jobs)
+    for _ in range(repeats):
+        order = rng.permutation(len(x))
+        for j in rng.permutation(len(names)):
+            job = jobs[names[j]]
+            t0 = time.perf_counter_ns()
+            for i in order:
+                job(x[i : i + 1])
+            times[names[j]].append((time.perf_counter_ns() - t0) / len(x) / 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="training run directory (its test split is used)")
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--threshold", type=float, help="override the bundle's threshold (only the runtime uses it)")
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    from mexit.train.runner import load_run  # torch only to read the run's split
+
+    load_before = os.getloadavg()
+    run = load_run(args.run)
+    x = run.dataset.inputs(run.splits.target_test[: args.samples])
+    tmp = Path(tempfile.mkdtemp(prefix="mexit-breakdown-"))
+    b = load_bundle(args.bundle)
+    m = b.manifest
+    k_exits = m.model.num_exits
+    singles = {"single_float32": _session(early_exit_graph(b), args.threads),
+               "single_int8_heads": _session(early_exit_graph(b, graphs=_stage_graphs(b, skip_conv=True,
+                                                                                      int8_heads=True)), args.threads)}
+    rt = EarlyExitRuntime(args.bundle, threshold=args.threshold, threads=args.threads, int8_heads=True)
+    x_in = f"s0_{m.exits[0].input_name}"
+    jobs: dict[str, Callable[[np.ndarray], object]] = {}
+    for k, job in enumerate(nested_backbone(args.bundle, tmp, args.threads)):
+        jobs[f"backbone/{k}"] = job
+        taus = {f"mexit_tau{j}": np.array(-np.inf if j == k else np.inf, np.float32) for j in range(k_exits - 1)}
+        for name, sess in singles.items():
+            jobs[f"{name}/{k}"] = lambda xi, s=sess, t=taus: s.run(None, {x_in: xi, **t})
+        jobs[f"runtime_int8_heads/{k}"] = lambda xi, k=k: rt.predict(xi, force_exit=k)
+    full = _session(b.full_path, args.threads)
+    full_in = full.get_inputs()[0].name
+    jobs["full_depth_graph"] = lambda xi: full.run(None, {full_in: xi})
+    med = blocked(jobs, x, args.repeats, np.random.default_rng(args.seed))
+    kinds = ("backbone", "single_float32", "single_int8_heads", "runtime_int8_heads")
+    per_exit = []
+    for k in range(k_exits):
+        row = {kind: med[f"{kind}/{k}"] for kind in kinds}
+        row["heads_decision_nesting_float32_us"] = row["single_float32"] - row["backbone"]
+        row["heads_decision_nesting_int8_us"] = row["single_int8_heads"] - row["backbone"]
+        row["runtime_python_us"] = row["runtime_int8_heads"] - row["single_int8_heads"]
+        per_exit.append({"exit": k, **row})
+    record = {
+        "benchmark": "runtime_breakdown", "run": str(args.run), "bundle": str(args.bundle),
+        "arch": m.model.arch, "dataset": m.dataset.name, "threads": args.threads, "samples": len(x),
+        "repeats": args.repeats, "per_exit_us": per_exit,
+        "nesting": {"full_depth_graph_us": med["full_depth_graph"],
+                    "nested_if_backbone_us": med[f"backbone/{k_exits - 1}"], "if_levels": k_exits - 1,
+                    "cost_us": med[f"backbone/{k_exits - 1}"] - med["full_depth_graph"]},
+        "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()},
+        "provenance": provenance(seed=args.seed),
+    }
+    out = args.out or Path(__file__).parent / "results" / f"runtime_breakdown_{m.dataset.name}_{m.model.arch}.json"
+    atomic_write_json(out, record)
+    print(f"{'exit':>4} {'backbone':>9} {'float32':>8} {'int8':>8} {'runtime':>8} | "
+          f"{'+f32':>6} {'+int8':>6} {'python':>6}")
+    for r in per_exit:
+        print(f"{r['exit']:>4} {r['backbone']:9.0f} {r['single_float32']:8.0f} {r['single_int8_heads']:8.0f} "
+              f"{r['runtime_int8_heads']:8.0f} | {r['heads_decision_nesting_float32_us']:6.0f} "
+              f"{r['heads_decision_nesting_int8_us']:6.0f} {r['runtime_python_us']:6.0f}")
+    print(json.dumps(record["nesting"]))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
