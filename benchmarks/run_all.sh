@@ -51,3 +51,10 @@ for s in 31 32 33 34 35; do
       --seed $s $([ $m = int8 ] && echo --int8-heads) --out $R/adversary2_stealing_int8heads_${m}_n${n}_s$s.json
   done
 done
+# OpenVINO as a candidate backend (needs `pip install openvino`; not a dependency: it lost, see docs/results.md)
+if python -c "import openvino" 2>/dev/null; then
+  python benchmarks/openvino_vs_ort.py --run runs/cifar10/e50-n600/resnet56-x6-target \
+    --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9
+  python benchmarks/openvino_vs_ort.py --run runs/audit-location/train-target-*/run \
+    --bundle runs/audit-location/export-target-*/bundle
+fi
