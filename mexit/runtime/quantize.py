@@ -124,14 +124,19 @@ def quantize_internal_head(model: Any, feature_output: str | None) -> tuple[Any,
         )
     except ImportError as exc:
         raise ConfigError(f"int8 heads need onnxruntime's quantization tools (onnxruntime >= 1.20): {exc}") from exc
+    for n in model.graph.node:  # the quantiser picks nodes by name: name the unnamed ones
+        if n.op_type == "MatMul" and not n.name:
+            n.name = f"{n.output[0]}_mexit_matmul"
     names = [_gemm_as_matmul(model, n) if n.op_type == "Gemm" else n.name for n in nodes]
+    # it also takes every MatMul it is not told to leave alone (its op-type default): exclude the backbone's
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
     config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, bits=BITS,
                                           accuracy_level=ACCURACY_LEVEL)
     quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # it logs every node it skips at INFO
     try:
-        quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_include=names)
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_include=names, nodes_to_exclude=others)
         quantizer.process()
     except (TypeError, ValueError, NotImplementedError) as exc:
         raise ConfigError(f"the installed onnxruntime cannot quantise the heads to {BITS} bits ({exc}); "

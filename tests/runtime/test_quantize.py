@@ -149,3 +149,21 @@ def test_int8_heads_need_no_torch(head_bundle: Path) -> None:
     proc = run_without_torch(NO_TORCH_CHILD, str(head_bundle), str(MIN_ELEMENTS))
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["options"]["int8_heads"] is True and len(out["exits"]) == 4 and out["one"] == out["exits"][0]
+
+
+def test_an_unnamed_head_matmul_is_quantised_and_the_backbone_one_is_not() -> None:
+    rng = np.random.default_rng(1)
+    w_bb, w_head = rng.normal(size=(32, 32)).astype(np.float32), rng.normal(size=(32, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w_bb"], ["feat"]), helper.make_node("MatMul", ["feat", "w_head"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+                              [helper.make_tensor_value_info("feat", TensorProto.FLOAT, [None, 32]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 64])],
+                              initializer=[numpy_helper.from_array(w_bb, "w_bb"),
+                                           numpy_helper.from_array(w_head, "w_head")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    q, n = quantize.quantize_internal_head(model, "feat")
+    assert n == 1 and [node.op_type for node in q.graph.node] == ["MatMul", "MatMulNBits"]
+    x = rng.normal(size=(3, 32)).astype(np.float32)
+    feat, z = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(feat, x @ w_bb, rtol=1e-5, atol=1e-5)
+    assert np.abs(z - feat @ w_head).max() < 0.02 * np.abs(feat @ w_head).max()
