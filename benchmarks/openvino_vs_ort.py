@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from runtime_breakdown import blocked  # a sibling script, importable once its folder is on sys.path
+from runtime_latency import blocked_per_sample  # a sibling script, importable once its folder is on sys.path
 
 from mexit._io import atomic_write_json, provenance
 from mexit.bundle import load_bundle
@@ -113,13 +113,13 @@ def main() -> None:
     x_single = f"s0_{m.exits[0].input_name}"
     ort_full = ort.InferenceSession(str(b.full_path), session_options(), providers=["CPUExecutionProvider"])
     ort_in = ort_full.get_inputs()[0].name
-    batch1 = blocked({
+    batch1 = {name: float(np.median(t, axis=0).mean()) / 1e3 for name, t in blocked_per_sample({
         "onnxruntime_full_graph": lambda xi: ort_full.run(None, {ort_in: xi}),
         "openvino_full_graph": lambda xi: ov_full.infer({0: xi}),
         "mexit_runtime_onnxruntime": lambda xi: rt.predict(xi),
         "openvino_single_if_graph": lambda xi: ov_single.infer({x_single: xi, **taus}),
         "openvino_stage_chain": chain,
-    }, x, args.repeats, np.random.default_rng(args.seed))
+    }, x, args.repeats, np.random.default_rng(args.seed)).items()}
     xb = x[:64]
     batch64 = {"onnxruntime_full_graph": median_us(lambda: ort_full.run(None, {ort_in: xb})),
                "openvino_full_graph": median_us(lambda: ov_full.infer({0: xb})),

@@ -8,12 +8,12 @@ python benchmarks/train_throughput.py --out $R/train_throughput.json
 # The runtime rows use the targets of the Location and CIFAR-10 audits (docs/audits/README.md has their
 # `mexit audit --out runs/audit-location …` / `runs/audit-cifar10 …` commands).
 python benchmarks/runtime_latency.py --run runs/audit-location/train-target-*/run \
-  --bundle runs/audit-location/export-target-*/bundle --out $R/runtime_latency_location_fcn18-1_x6.json
+  --bundle runs/audit-location/export-target-*/bundle --repeats 7 --out $R/runtime_latency_location_fcn18-1_x6.json
 # Folding Linear → BatchNorm1d at export (legacy exporter; the quick Location run of docs/results.md, /tmp/a2/t)
 python benchmarks/export_batchnorm_fold.py --run /tmp/a2/t --rounds 1200 --out $R/export_batchnorm_fold.json
 # ResNet-56: the CIFAR-10 reproduction's target (bash benchmarks/reproduce_cifar10.sh 50 600 paper 1 vgg16), τ 0.9
 python benchmarks/runtime_latency.py --run runs/cifar10/e50-n600/resnet56-x6-target \
-  --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 \
+  --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 --repeats 7 \
   --out $R/runtime_latency_cifar10_resnet56_x6.json
 python benchmarks/serve_overhead.py --bundle bundles/location/fcn18-1-x6-target-t0.9 --out $R/serve_overhead.json
 python benchmarks/serve_load.py --bundle bundles/location/fcn18-1-x6-target-t0.9 --out $R/serve_load.json

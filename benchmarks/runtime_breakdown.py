@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, compose, helper, utils
+from runtime_latency import blocked_per_sample  # a sibling script, importable once its folder is on sys.path
 
 from mexit._io import atomic_write_json, provenance
 from mexit.bundle import load_bundle
@@ -93,25 +92,6 @@ def nested_backbone(bundle_dir: Path, tmp: Path, threads: int) -> list[Callable[
     return runs
 
 
-def blocked(jobs: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, repeats: int,
-            rng: np.random.Generator) -> dict[str, float]:
-    """Mean µs per sample of each job, every sample through one job in a block; median over ``repeats``."""
-    for job in jobs.values():
-        for i in range(min(20, len(x))):
-            job(x[i : i + 1])
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    names = list(jobs)
-    for _ in range(repeats):
-        order = rng.permutation(len(x))
-        for j in rng.permutation(len(names)):
-            job = jobs[names[j]]
-            t0 = time.perf_counter_ns()
-            for i in order:
-                job(x[i : i + 1])
-            times[names[j]].append((time.perf_counter_ns() - t0) / len(x) / 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="training run directory (its test split is used)")
@@ -148,7 +128,8 @@ def main() -> None:
     full = _session(b.full_path, args.threads)
     full_in = full.get_inputs()[0].name
     jobs["full_depth_graph"] = lambda xi: full.run(None, {full_in: xi})
-    med = blocked(jobs, x, args.repeats, np.random.default_rng(args.seed))
+    med = {name: float(np.median(t, axis=0).mean()) / 1e3
+           for name, t in blocked_per_sample(jobs, x, args.repeats, np.random.default_rng(args.seed)).items()}
     kinds = ("backbone", "single_float32", "single_int8_heads", "runtime_int8_heads")
     per_exit = []
     for k in range(k_exits):

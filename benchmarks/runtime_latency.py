@@ -45,6 +45,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -215,29 +216,27 @@ def realised_speedup(rt: EarlyExitRuntime, x: np.ndarray, full: ort.InferenceSes
     # Blocked: every sample through one model, then every sample through the other (order alternating per
     # repeat). A deployment serves one model in steady state; alternating models per sample (above) lets the
     # second call of each pair run on weights the first left in cache, which favours neither side evenly.
-    b_ee, b_full, b_rt_full = [], [], []
-    for _ in range(repeats):
-        order = rng.permutation(len(x))
-        for which in rng.permutation(3):
-            t0 = time.perf_counter_ns()
-            for i in order:
-                if which == 0:
-                    rt.predict(x[i : i + 1])
-                elif which == 1:
-                    full.run(None, {in_name: x[i : i + 1]})
-                else:
-                    rt.predict(x[i : i + 1], full_depth=True)
-            (b_ee, b_full, b_rt_full)[which].append((time.perf_counter_ns() - t0) / len(x))
-    blocked = statistics.median(b_full) / statistics.median(b_ee)
-    same_wrapper = statistics.median(b_rt_full) / statistics.median(b_ee)
+    t = blocked_per_sample({"ee": lambda xi: rt.predict(xi), "full": lambda xi: full.run(None, {in_name: xi}),
+                            "rt_full": lambda xi: rt.predict(xi, full_depth=True)}, x, repeats, rng)
+    costs_taken = costs[exits]
+
+    def ratio(baseline: np.ndarray, early: np.ndarray) -> float:
+        return _ratio_of_means(baseline, early, costs_taken, full_flops)
+
+    bare, same = over_repeats(ratio, t["full"], t["ee"]), over_repeats(ratio, t["rt_full"], t["ee"])
+    mean_us = {name: float(np.median(v, axis=0).mean()) / 1e3 for name, v in t.items()}
     return {
         "samples": len(x),
-        "blocked": {"mean_latency_early_exit_us": statistics.median(b_ee) / 1e3,
-                    "mean_latency_full_graph_us": statistics.median(b_full) / 1e3,
-                    "mean_latency_runtime_full_depth_us": statistics.median(b_rt_full) / 1e3,
-                    "realised_speedup": blocked, "realised_over_predicted": blocked / predicted,
-                    "realised_speedup_same_wrapper": same_wrapper,
-                    "realised_over_predicted_same_wrapper": same_wrapper / predicted},
+        "blocked": {"mean_latency_early_exit_us": mean_us["ee"],
+                    "mean_latency_full_graph_us": mean_us["full"],
+                    "mean_latency_runtime_full_depth_us": mean_us["rt_full"],
+                    "realised_speedup": bare["value"] * predicted, "realised_over_predicted": bare["value"],
+                    "realised_over_predicted_per_repeat": bare["per_repeat"],
+                    "realised_speedup_same_wrapper": same["value"] * predicted,
+                    "realised_over_predicted_same_wrapper": same["value"],
+                    "realised_over_predicted_same_wrapper_per_repeat": same["per_repeat"],
+                    "estimator": "each sample's median time over the repeats, means over samples; per_repeat: the "
+                                 "same from one repeat's blocks"},
         "exit_shares": (np.bincount(exits, minlength=rt.num_exits) / len(x)).tolist(),
         "mean_latency_early_exit_us": statistics.median(t_ee) / 1e3,
         "mean_latency_full_graph_us": statistics.median(t_full) / 1e3,
@@ -247,6 +246,63 @@ def realised_speedup(rt: EarlyExitRuntime, x: np.ndarray, full: ort.InferenceSes
         "goal": ">= 0.9",
     }
 
+
+def blocked_per_sample(jobs: dict[str, Any], x: np.ndarray, repeats: int,
+                       rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Each sample's batch-1 time (ns) under each job, shape (repeats, samples); every sample through one job in a
+    block (fresh random sample and job order per repeat), the steady state a deployment of one model sees.
+
+    The host's speed drifts between blocks (seconds apart), which moves a block's mean far more than sampling
+    does, so spreads are taken over repeats (:func:`over_repeats`), not by resampling samples."""
+    for job in jobs.values():  # first calls (allocations, lazy initialisation) stay out of the times
+        for i in range(min(20, len(x))):
+            job(x[i : i + 1])
+    times = {name: np.zeros((repeats, len(x))) for name in jobs}
+    names = list(jobs)
+    for r in range(repeats):
+        order = rng.permutation(len(x))
+        for j in rng.permutation(len(names)):
+            job, out = jobs[names[j]], times[names[j]][r]
+            for i in order:
+                t0 = time.perf_counter_ns()
+                job(x[i : i + 1])
+                out[i] = time.perf_counter_ns() - t0
+    return times
+
+
+def _ratio_of_means(baseline: np.ndarray, early: np.ndarray, costs: np.ndarray, full_flops: float) -> float:
+    """Realised speed-up (mean baseline time / mean early-exit time) over the FLOPs-predicted one, same samples."""
+    return float((baseline.mean() / early.mean()) / (full_flops / costs.mean()))
+
+
+def over_repeats(statistic: Any, *arrays: np.ndarray) -> dict[str, Any]:
+    """``statistic`` on each sample's median time over the repeats, and on each repeat's blocks alone (its range is
+    the run-to-run spread that drift between blocks causes)."""
+    per_repeat = [statistic(*(a[r] if a.ndim == 2 else a for a in arrays)) for r in range(arrays[0].shape[0])]
+    value = statistic(*(np.median(a, axis=0) if a.ndim == 2 else a for a in arrays))
+    return {"value": value, "per_repeat": per_repeat, "range_over_repeats": [min(per_repeat), max(per_repeat)]}
+
+
+def paired_difference(reference: EarlyExitRuntime, other: EarlyExitRuntime, x: np.ndarray,
+                      full: ort.InferenceSession, repeats: int, rng: np.random.Generator) -> dict:
+    """Realised/predicted of ``other`` minus ``reference`` (blocked, same samples, all three in each repeat), with the
+    difference from each repeat alone; each runtime's FLOPs prediction uses the exits it takes."""
+    in_name = full.get_inputs()[0].name
+    full_flops = float(reference.manifest.exits[-1].cumulative_flops)
+    costs = np.asarray(reference.exit_costs, dtype=np.float64)
+    c_ref, c_other = costs[reference.predict(x).exit_index], costs[other.predict(x).exit_index]
+    t = blocked_per_sample({"reference": lambda xi: reference.predict(xi), "other": lambda xi: other.predict(xi),
+                            "full": lambda xi: full.run(None, {in_name: xi})}, x, repeats, rng)
+
+    def diff(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+        return _ratio_of_means(f, b, c_other, full_flops) - _ratio_of_means(f, a, c_ref, full_flops)
+
+    d = over_repeats(diff, t["full"], t["reference"], t["other"])
+    med = {name: np.median(v, axis=0) for name, v in t.items()}
+    return {"realised_over_predicted_reference": _ratio_of_means(med["full"], med["reference"], c_ref, full_flops),
+            "realised_over_predicted_other": _ratio_of_means(med["full"], med["other"], c_other, full_flops),
+            "difference": d["value"], "difference_per_repeat": d["per_repeat"],
+            "difference_range_over_repeats": d["range_over_repeats"], "samples": len(x), "repeats": repeats}
 
 def wrapper_cost(rt: EarlyExitRuntime, x1: np.ndarray, rounds: int) -> dict:
     """The runtime's own Python around one batch-1 graph run, warm and after a cache sweep.
@@ -447,6 +503,7 @@ def main() -> None:
     int8.warmup(5)
     record["int8_heads"] = {
         "agreement_with_float32": agreement(rt, int8, x, labels),
+        "realised_over_predicted_vs_float32": paired_difference(rt, int8, x, full, args.repeats, rng),
         "forced_exit_latency_us": forced_exit_latency({"float32": rt, "int8_heads": int8}, x[:1], args.rounds, rng),
         "realised_speedup_batch1": realised_speedup(int8, x, full, args.repeats, rng),
         "throughput": [batched_throughput(int8, x, full, b, args.repeats * 2) for b in (64, 256)]}
