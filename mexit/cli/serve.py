@@ -55,7 +55,8 @@ def resolve_defense(defense: str | None, params: tuple[str, ...], timeguard_sigm
 @click.option("--device", type=click.IntRange(min=0), default=None, help="GPU index for GPU backends.")
 @click.option("--fp16", is_flag=True, help="Serve the bundle's FP16 TensorRT engines (exported with --fp16).")
 @click.option("--backend-opt", "backend_opts", multiple=True, metavar="KEY=VALUE",
-              help="A backend's own option, e.g. --backend-opt provider=tensorrt (onnxruntime-gpu) or "
+              help="A backend's own option, e.g. --backend-opt int8_heads=true (onnxruntime: 8-bit exit heads, "
+                   "faster batch-1 early exits), --backend-opt provider=tensorrt (onnxruntime-gpu) or "
                    "--backend-opt cuda_graphs=false (torch). Repeatable.")
 @click.option("--max-body-mb", type=float, default=4.0, show_default=True, help="Largest request body (MiB).")
 @click.option("--max-batch", type=int, default=1024, show_default=True, help="Largest batch per request.")
