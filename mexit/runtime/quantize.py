@@ -3,18 +3,23 @@
 Why the heads: at batch 1 an internal head's first ``Linear`` is a matrix-vector product, so its cost is
 reading its weights, not its FLOPs. The backbone's forward pass evicts them from the core's cache between
 requests, and they come back from memory on every call. On the CIFAR-10 ResNet-56 ×6 bundle the five internal
-heads are 1.1 % of the full path's FLOPs but cost ~330 µs at the deepest exit (the 1024 → 512 head alone
-~146 µs), which is why the realised early-exit speed-up trailed the FLOPs prediction (issue 14). The vanilla
-model has no internal heads; making them cheap is what lets the early exit realise its FLOPs saving.
+heads are 1.1 % of the full path's FLOPs, yet heads and decisions add ~300 µs at the last exit
+(``benchmarks/runtime_breakdown.py``; the 1024 → 512 head alone is 84 µs of its stage's 355 µs), which is why the
+realised early-exit speed-up trailed the FLOPs prediction (issue 14). The vanilla model has no internal heads;
+making them cheap is what lets the early exit realise its FLOPs saving (batch-1 realised / predicted +0.06 on
+ResNet-56 ×6, +0.22 on FCN-18-1 ×6, ``benchmarks/runtime_latency.py``).
 
 What changes: every ``Gemm``/``MatMul`` of an *internal* stage that does not lie on the path to the stage's
 feature output (the head, not the backbone) and whose constant weight holds at least
 :data:`MIN_WEIGHT_ELEMENTS` values is rewritten as ``MatMulNBits`` with 8-bit symmetric weights, one float
 scale per block of 32 input values, and ``accuracy_level=4`` (activations quantised per block to int8, the
 product in int8 with AVX-512 VNNI/AMX where the CPU has it; ONNX Runtime's fp32-compute path for these weights
-dequantises them every call and was 2-4× *slower* than fp32). Small layers (the 512 → C classifier) stay
-float32: they are cheap to read and their rounding would buy nothing. The backbone and the final stage (which
-the vanilla model has too) are untouched, so the comparison with the full-depth graph stays fair.
+dequantises them every call and was 2-4× *slower* than fp32). Activations are quantised per row, so a sample's
+exit does not depend on its batch mates; ``DynamicQuantizeMatMul`` (one activation scale per batch) would break
+that. Batches gain nothing: the int8 kernel at 20-64 rows is no faster than float32's. Small layers (the
+512 → C classifier) stay float32: they are cheap to read and their rounding would buy nothing (measured: no
+faster, more exits moved). The backbone and the final stage (which the vanilla model has too) are untouched, so
+the comparison with the full-depth graph stays fair.
 
 Cost in fidelity: the heads' probabilities move by ~1e-3 to 1e-2, so a sample whose top probability lies that
 close to the threshold can take another exit. ``benchmarks/runtime_latency.py`` measures the exit and label
