@@ -29,7 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from runtime_latency import blocked_per_sample  # a sibling script, importable once its folder is on sys.path
+from runtime_latency import (  # a sibling script, importable once its folder is on sys.path
+    add_test_split_options,
+    blocked_per_sample,
+    held_out_inputs,
+)
 
 from mexit._io import atomic_write_json, provenance
 from mexit.bundle import load_bundle
@@ -84,23 +88,14 @@ def median_us(fn: Callable[[], object], rounds: int = 10) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="training run directory (its test split is used)")
-    parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--threshold", type=float)
-    parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path)
+    add_test_split_options(parser, samples=300, repeats=3)
     args = parser.parse_args()
     try:
         import openvino as ov
     except ImportError:
         parser.error("this benchmark needs OpenVINO: pip install openvino")
-    from mexit.train.runner import load_run  # torch only to read the run's split
-
     load_before = os.getloadavg()
-    run = load_run(args.run)
-    x = run.dataset.inputs(run.splits.target_test[: args.samples])
+    x = held_out_inputs(args)
     b = load_bundle(args.bundle)
     m = b.manifest
     rt = EarlyExitRuntime(args.bundle, threshold=args.threshold)

@@ -58,3 +58,8 @@ if python -c "import openvino" 2>/dev/null; then
   python benchmarks/openvino_vs_ort.py --run runs/audit-location/train-target-*/run \
     --bundle runs/audit-location/export-target-*/bundle
 fi
+# A batch's early exit as one graph (batch_graph=True) against the per-stage chain
+python benchmarks/batch_graph_throughput.py --run runs/audit-location/train-target-*/run \
+  --bundle runs/audit-location/export-target-*/bundle --repeats 11
+python benchmarks/batch_graph_throughput.py --run runs/cifar10/e50-n600/resnet56-x6-target \
+  --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 --repeats 5 --samples 512

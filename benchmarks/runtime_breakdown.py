@@ -32,7 +32,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, compose, helper, utils
-from runtime_latency import blocked_per_sample  # a sibling script, importable once its folder is on sys.path
+from runtime_latency import (  # a sibling script, importable once its folder is on sys.path
+    add_test_split_options,
+    blocked_per_sample,
+    held_out_inputs,
+)
 
 from mexit._io import atomic_write_json, provenance
 from mexit.bundle import load_bundle
@@ -94,21 +98,11 @@ def nested_backbone(bundle_dir: Path, tmp: Path, threads: int) -> list[Callable[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="training run directory (its test split is used)")
-    parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--threshold", type=float, help="override the bundle's threshold (only the runtime uses it)")
-    parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_test_split_options(parser, samples=300, repeats=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-
-    from mexit.train.runner import load_run  # torch only to read the run's split
-
     load_before = os.getloadavg()
-    run = load_run(args.run)
-    x = run.dataset.inputs(run.splits.target_test[: args.samples])
+    x = held_out_inputs(args)
     tmp = Path(tempfile.mkdtemp(prefix="mexit-breakdown-"))
     b = load_bundle(args.bundle)
     m = b.manifest

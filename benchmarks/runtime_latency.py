@@ -424,6 +424,25 @@ def batched_throughput(rt: EarlyExitRuntime, x: np.ndarray, full: ort.InferenceS
             "predicted_gain_flops": predicted, "gain_over_predicted": gain / predicted, "goal": ">= 0.8"}
 
 
+def add_test_split_options(parser: argparse.ArgumentParser, *, samples: int, repeats: int) -> None:
+    """The options of the runtime benchmarks that time a bundle on its run's test split."""
+    parser.add_argument("--run", type=Path, required=True, help="training run directory (its test split is used)")
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle exported from the run (mexit export)")
+    parser.add_argument("--threshold", type=float, help="override the bundle's exit threshold")
+    parser.add_argument("--samples", type=int, default=samples, help="test samples timed")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+
+
+def held_out_inputs(args: argparse.Namespace) -> np.ndarray:
+    """The first ``--samples`` inputs of the run's target test split (torch only to read the run)."""
+    from mexit.train.runner import load_run
+
+    run = load_run(args.run)
+    return run.dataset.inputs(run.splits.target_test[: args.samples])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="training run directory (its test split is used)")

@@ -37,6 +37,7 @@ import numpy as np
 
 from mexit.bundle import Bundle, load_bundle
 from mexit.errors import BackendUnavailableError, BundleError, ConfigError
+from mexit.runtime.onnx_parts import default_opset, max_prob_nodes, merged_opsets
 from mexit.runtime.registry import get_backend, gpu_index, refuse_gpu_options, register_backend
 from mexit.runtime.types import Backend
 
@@ -177,6 +178,10 @@ class OrtCpuBackend:
     (:mod:`mexit.runtime.quantize`), which makes them cheap at batch 1, where reading their weights dominates;
     exits and probabilities then differ slightly from the float32 model (the benchmark measures how often).
 
+    ``batch_graph=True`` (off by default; needs ``onnx``): batches of two or more run the per-sample early exit as
+    one graph too (:mod:`mexit.runtime.batch_graph`: decision and compaction inside, one ``run`` per batch); every
+    sample's ``latency_ns`` is then the end of the call.
+
     ``single_graph`` (default: on when the ``onnx`` package is importable and the stage files total at
     most 512 MiB, since the graph holds every weight a second time): batch-1 calls run the whole chain
     as one graph with nested ``If`` nodes (:func:`early_exit_graph`, :meth:`predict_one`) — one
@@ -205,6 +210,7 @@ class OrtCpuBackend:
         single_graph: bool | None = None,
         skip_conv: bool = True,
         int8_heads: bool = False,
+        batch_graph: bool = False,
     ) -> None:
         refuse_gpu_options(self.name, device, fp16, gpu_backends=GPU_BACKENDS)
         rt = require_ort()
@@ -214,9 +220,10 @@ class OrtCpuBackend:
         fold = fold_decision and not io_binding
         # each stage file read once, for the stage sessions and the single graph
         graphs = _stage_graphs(self.bundle, skip_conv=skip_conv, int8_heads=int8_heads) \
-            if fold or skip_conv or int8_heads or single_graph is not False else None
-        if int8_heads and graphs is None:
-            raise ConfigError("int8_heads needs the onnx package: pip install onnx")
+            if fold or skip_conv or int8_heads or batch_graph or single_graph is not False else None
+        for wanted, name in ((int8_heads, "int8_heads"), (batch_graph, "batch_graph")):
+            if wanted and graphs is None:
+                raise ConfigError(f"{name} needs the onnx package: pip install onnx")
         folded = None if graphs is None else _stage_models(self.bundle, graphs, fold=fold)
         self.folds_decision = fold and folded is not None
         self.options = {"threads": threads, "spinning": spinning, "io_binding": io_binding,
@@ -240,6 +247,14 @@ class OrtCpuBackend:
                 self._single = rt.InferenceSession(model, so, providers=["CPUExecutionProvider"])
                 self._single_input = self._single.get_inputs()[0].name
         self.options["single_graph"] = self._single is not None
+        self._batch = None
+        if batch_graph and self.bundle.manifest.model.num_exits > 1:
+            from mexit.runtime.batch_graph import early_exit_batch_graph
+
+            self._batch = rt.InferenceSession(early_exit_batch_graph(self.bundle, graphs), so,
+                                              providers=["CPUExecutionProvider"])
+            self._batch_input = self._batch.get_inputs()[0].name
+        self.options["batch_graph"] = self._batch is not None
 
     @property
     def has_single_graph(self) -> bool:
@@ -252,6 +267,22 @@ class OrtCpuBackend:
         ``taus`` maps ``mexit_tau{k}`` to a float32 scalar per internal exit (the runtime builds it)."""
         probs, exit_k = self._single.run([SINGLE_PROBS, SINGLE_EXIT], {self._single_input: x, **taus})
         return probs, int(exit_k[0])
+
+    @property
+    def has_batch_graph(self) -> bool:
+        """Whether :meth:`predict_batch` is available (``batch_graph=True``, :mod:`mexit.runtime.batch_graph`)."""
+        return self._batch is not None
+
+    def predict_batch(self, x: np.ndarray, taus: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """A batch through the batch early-exit graph: ``(probs (n, C), exit index (n,))`` in input order."""
+        from mexit.runtime.batch_graph import BATCH_EXIT, BATCH_PROBS, BATCH_ROWS
+
+        p, rows, exits = self._batch.run([BATCH_PROBS, BATCH_ROWS, BATCH_EXIT], {self._batch_input: x, **taus})
+        probs = np.empty_like(p)
+        probs[rows] = p
+        exit_index = np.empty(len(x), dtype=np.int64)
+        exit_index[rows] = exits
+        return probs, exit_index
 
     def run_stage_scored(self, k: int, inputs: Any) -> tuple[Any, np.ndarray, np.ndarray]:
         """Internal stage ``k`` with the folded decision: ``(features, probs (n, C), max prob (n,))``.
@@ -330,14 +361,10 @@ def _stage_models(bundle: Bundle, graphs: list[Any], *, fold: bool) -> dict[Path
         model = ModelProto()
         model.CopyFrom(original)
         graph = model.graph
-        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
         probs, conf = f"{FOLD_PREFIX}probs", f"{FOLD_PREFIX}maxprob"
-        graph.node.append(helper.make_node("Softmax", [e.logits_output], [probs], axis=1))
-        if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
-            graph.initializer.append(helper.make_tensor(f"{FOLD_PREFIX}axes", TensorProto.INT64, [1], [1]))
-            graph.node.append(helper.make_node("ReduceMax", [probs, f"{FOLD_PREFIX}axes"], [conf], keepdims=0))
-        else:
-            graph.node.append(helper.make_node("ReduceMax", [probs], [conf], axes=[1], keepdims=0))
+        nodes, axes = max_prob_nodes(e.logits_output, probs, conf, f"{FOLD_PREFIX}axes", default_opset(model))
+        graph.node.extend(nodes)
+        graph.initializer.extend(axes)
         graph.output.append(helper.make_tensor_value_info(probs, TensorProto.FLOAT, None))
         graph.output.append(helper.make_tensor_value_info(conf, TensorProto.FLOAT, None))
         out[path] = model.SerializeToString()
@@ -380,7 +407,7 @@ def early_exit_graph(bundle: Bundle, *, skip_conv: bool = True, graphs: list[Any
             for i, name in enumerate(node.input):
                 if name == src:
                     node.input[i] = dst
-    opset = max((o.version for o in stages[0].opset_import if o.domain in ("", "ai.onnx")), default=13)
+    opset = default_opset(stages[0])
 
     def out(name: str, dtype: int) -> Any:
         return helper.make_tensor_value_info(name, dtype, None)
@@ -400,13 +427,9 @@ def early_exit_graph(bundle: Bundle, *, skip_conv: bool = True, graphs: list[Any
     for k in range(k_exits - 2, -1, -1):
         e, g = m.exits[k], stages[k].graph
         p, conf, cond = f"d{k}_p", f"d{k}_conf", f"d{k}_cond"
-        nodes = [*g.node, helper.make_node("Softmax", [f"s{k}_{e.logits_output}"], [p], axis=1)]
-        inits = list(g.initializer)
-        if opset >= 18:
-            inits.append(helper.make_tensor(f"d{k}_axes", TensorProto.INT64, [1], [1]))
-            nodes.append(helper.make_node("ReduceMax", [p, f"d{k}_axes"], [conf], keepdims=0))
-        else:
-            nodes.append(helper.make_node("ReduceMax", [p], [conf], axes=[1], keepdims=0))
+        decide, axes = max_prob_nodes(f"s{k}_{e.logits_output}", p, conf, f"d{k}_axes", opset)
+        nodes = [*g.node, *decide]
+        inits = [*g.initializer, *axes]
         nodes.append(helper.make_node("GreaterOrEqual", [conf, SINGLE_TAU.format(k)], [cond]))
         then = helper.make_graph([helper.make_node("Identity", [p], [f"t{k}_p"]), exit_const(k, f"t{k}_x")],
                                  f"exit{k}", [], [out(f"t{k}_p", TensorProto.FLOAT), out(f"t{k}_x", TensorProto.INT64)])
@@ -419,12 +442,8 @@ def early_exit_graph(bundle: Bundle, *, skip_conv: bool = True, graphs: list[Any
         inputs = [helper.make_tensor_value_info(f"s0_{e.input_name}", TensorProto.FLOAT, [1, *m.input.sample_shape])]
         inputs += [helper.make_tensor_value_info(SINGLE_TAU.format(j), TensorProto.FLOAT, [])
                    for j in range(k_exits - 1)]
-        domains: dict[str, int] = {}  # every stage's opsets (a quantised head adds com.microsoft)
-        for stage in stages:
-            for o in stage.opset_import:
-                domains[o.domain] = max(domains.get(o.domain, 0), o.version)
         model = helper.make_model(helper.make_graph(nodes, "early_exit", inputs, outputs, initializer=inits),
-                                  opset_imports=[helper.make_opsetid(d, v) for d, v in domains.items()])
+                                  opset_imports=merged_opsets(stages))
         model.ir_version = stages[0].ir_version
         return model.SerializeToString()
     return None

@@ -13,7 +13,8 @@ exit (``predict_one``, nested ``If`` nodes), so no Python runs between stages.
 
 Latency: ``latency_ns[i]`` is the wall time (``time.perf_counter_ns``) from the start of the ``predict``
 call (input validation included) to the moment sample ``i``'s exit decision was made. Within one
-batch it is therefore non-decreasing in the exit index.
+batch it is therefore non-decreasing in the exit index. (With ``OrtCpuBackend(batch_graph=True)`` a batch runs
+as one graph and every sample's latency is the end of the call.)
 
 Inputs (validated before any backend call, :class:`mexit.errors.InputError` naming expected vs given):
 a numpy array ``(n, *input_shape)`` with ``n >= 1``, finite values, of a real numeric dtype. Floats of
@@ -139,6 +140,9 @@ class EarlyExitRuntime(FixedShape):
         self._one = (getattr(self.backend, "predict_one", None)
                      if self.policy.kind == "max_prob" and getattr(self.backend, "has_single_graph", False) else None)
         self._tau_feeds: dict[int | None, dict[str, np.ndarray]] = {}
+        # Backends that run a whole batch's per-sample early exit as one graph (OrtCpuBackend(batch_graph=True)).
+        self._many = (getattr(self.backend, "predict_batch", None)
+                      if self.policy.kind == "max_prob" and getattr(self.backend, "has_batch_graph", False) else None)
 
     # --- Runtime protocol -------------------------------------------------------------------------
     @property
@@ -180,6 +184,13 @@ class EarlyExitRuntime(FixedShape):
             now = time.perf_counter_ns()
             return Prediction(probs=p, labels=p.argmax(axis=1), exit_index=np.array([k], dtype=np.int64),
                               latency_ns=np.array([now - t0], dtype=np.int64))
+        if n > 1 and self._many is not None and not full_depth and self.backend.max_batch is None:
+            # The batch's early exit as one graph: no per-stage timestamps, every sample's latency is the call's.
+            with self._lock:
+                p, exits = self._many(xs, self._taus(force_exit))
+            now = time.perf_counter_ns()
+            return Prediction(probs=p, labels=p.argmax(axis=1), exit_index=exits,
+                              latency_ns=np.full(n, now - t0, dtype=np.int64))
         probs = np.empty((n, self._num_classes), dtype=np.float32)
         exit_index = np.empty(n, dtype=np.int64)
         latency = np.empty(n, dtype=np.int64)

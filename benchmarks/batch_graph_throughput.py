@@ -1,0 +1,92 @@
+"""Batched early exit: the per-stage chain against the whole batch as one graph (``batch_graph=True``), same run.
+
+On the run's test samples, in batches of 64 and 256, each repeat passes every batch through the default runtime
+(per-stage chain: one ``session.run`` per stage, decisions and compaction in numpy), through the runtime with
+``batch_graph=True`` (:mod:`mexit.runtime.batch_graph`: one ``run`` per batch) and through the full-depth graph,
+in a fresh random order. Reported: samples/s (median over repeats), each one's gain over the full graph divided by
+the FLOPs-predicted gain (issue 14's goal: >= 0.8), the paired difference of the two per repeat, and whether both
+take the same exits.
+
+    python benchmarks/batch_graph_throughput.py --run RUN_DIR --bundle BUNDLE [--threshold T] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from runtime_latency import add_test_split_options, held_out_inputs  # a sibling script
+
+from mexit._io import atomic_write_json, provenance
+from mexit.runtime import EarlyExitRuntime
+from mexit.runtime.backends import session_options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_test_split_options(parser, samples=1024, repeats=7)
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    x = held_out_inputs(args)
+    chain = EarlyExitRuntime(args.bundle, threshold=args.threshold)
+    graph = EarlyExitRuntime(args.bundle, threshold=args.threshold, batch_graph=True)
+    full = ort.InferenceSession(str(chain.bundle.full_path), session_options(), providers=["CPUExecutionProvider"])
+    in_name = full.get_inputs()[0].name
+    costs = np.asarray(chain.exit_costs, dtype=np.float64)
+    full_flops = float(chain.manifest.exits[-1].cumulative_flops)
+    rng = np.random.default_rng(args.seed)
+    results = []
+    for batch in (64, 256):
+        n = (len(x) // batch) * batch
+        if n == 0:  # fewer samples than one batch
+            continue
+        xs = x[:n]
+        exits = chain.predict(xs).exit_index
+        same_exits = bool(np.array_equal(graph.predict(xs).exit_index, exits))
+        predicted = full_flops / costs[exits].mean()
+        jobs = {"per_stage_chain": lambda xb: chain.predict(xb), "batch_graph": lambda xb: graph.predict(xb),
+                "full_graph": lambda xb: full.run(None, {in_name: xb})}
+        rates: dict[str, list[float]] = {name: [] for name in jobs}
+        for job in jobs.values():  # warm-up
+            job(xs[:batch])
+        for _ in range(args.repeats):
+            for name in rng.permutation(list(jobs)):
+                t0 = time.perf_counter()
+                for s in range(0, n, batch):
+                    jobs[name](xs[s : s + batch])
+                rates[name].append(n / (time.perf_counter() - t0))
+        ratio = {name: [r / f / predicted for r, f in zip(rates[name], rates["full_graph"], strict=True)]
+                 for name in ("per_stage_chain", "batch_graph")}
+        med = {name: statistics.median(v) for name, v in rates.items()}
+        results.append({
+            "batch": batch, "samples": n, "predicted_gain_flops": predicted, "samples_per_s": med,
+            "gain_over_predicted": {name: med[name] / med["full_graph"] / predicted
+                                    for name in ("per_stage_chain", "batch_graph")},
+            "gain_over_predicted_per_repeat": ratio,
+            "batch_graph_minus_chain_per_repeat": [b - a for a, b in zip(ratio["per_stage_chain"],
+                                                                         ratio["batch_graph"], strict=True)],
+            "same_exits": same_exits, "goal": ">= 0.8"})
+    m = chain.manifest
+    record = {"benchmark": "batch_graph_throughput", "run": str(args.run), "bundle": str(args.bundle),
+              "arch": m.model.arch, "dataset": m.dataset.name, "threshold": chain.threshold, "threads": 1,
+              "repeats": args.repeats, "batches": results,
+              "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()),
+                                      "cpus": os.cpu_count()},
+              "provenance": provenance(seed=args.seed)}
+    out = args.out or Path(__file__).parent / "results" / f"batch_graph_throughput_{m.dataset.name}_{m.model.arch}.json"
+    atomic_write_json(out, record)
+    for r in results:
+        print(json.dumps({"batch": r["batch"], "gain_over_predicted": r["gain_over_predicted"],
+                          "difference_per_repeat": [round(d, 3) for d in r["batch_graph_minus_chain_per_repeat"]],
+                          "same_exits": r["same_exits"]}))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
