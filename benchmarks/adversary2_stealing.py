@@ -103,8 +103,7 @@ class _QueryLog:
 
 def servers(kind: str, bundle: Path, args: argparse.Namespace, seed: int) -> ServerProcess:
     if kind == "plain":
-        return ServerProcess(bundle, threads=args.threads, model_name="m",
-                             extra_args=["--backend-opt", "int8_heads=true"] if args.int8_heads else ())
+        return ServerProcess(bundle, threads=args.threads, model_name="m", backend_opts={"int8_heads": args.int8_heads})
     return ServerProcess(factory=JITTER_FACTORY, model_name="m",
                          factory_kwargs={"bundle": str(bundle), "overhead_ms": args.overhead_ms,
                                          "sigma": args.jitter_sigma, "spike_p": args.spike_p,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from runtime_latency import add_test_split_options, held_out_inputs  # a sibling script
+from runtime_latency import add_test_split_options, held_out  # a sibling script
 
 from mexit._io import atomic_write_json, provenance
 from mexit.runtime import EarlyExitRuntime
@@ -33,7 +33,7 @@ def main() -> None:
     add_test_split_options(parser, samples=1024, repeats=7)
     args = parser.parse_args()
     load_before = os.getloadavg()
-    x = held_out_inputs(args)
+    x, _ = held_out(args)
     chain = EarlyExitRuntime(args.bundle, threshold=args.threshold)
     graph = EarlyExitRuntime(args.bundle, threshold=args.threshold, batch_graph=True)
     full = ort.InferenceSession(str(chain.bundle.full_path), session_options(), providers=["CPUExecutionProvider"])

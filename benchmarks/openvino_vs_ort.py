@@ -32,7 +32,7 @@ import onnxruntime as ort
 from runtime_latency import (  # a sibling script, importable once its folder is on sys.path
     add_test_split_options,
     blocked_per_sample,
-    held_out_inputs,
+    held_out,
 )
 
 from mexit._io import atomic_write_json, provenance
@@ -95,7 +95,7 @@ def main() -> None:
     except ImportError:
         parser.error("this benchmark needs OpenVINO: pip install openvino")
     load_before = os.getloadavg()
-    x = held_out_inputs(args)
+    x, _ = held_out(args)
     b = load_bundle(args.bundle)
     m = b.manifest
     rt = EarlyExitRuntime(args.bundle, threshold=args.threshold)

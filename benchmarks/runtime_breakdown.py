@@ -35,7 +35,7 @@ from onnx import TensorProto, compose, helper, utils
 from runtime_latency import (  # a sibling script, importable once its folder is on sys.path
     add_test_split_options,
     blocked_per_sample,
-    held_out_inputs,
+    held_out,
 )
 
 from mexit._io import atomic_write_json, provenance
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     load_before = os.getloadavg()
-    x = held_out_inputs(args)
+    x, _ = held_out(args)
     tmp = Path(tempfile.mkdtemp(prefix="mexit-breakdown-"))
     b = load_bundle(args.bundle)
     m = b.manifest

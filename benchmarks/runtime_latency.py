@@ -435,12 +435,13 @@ def add_test_split_options(parser: argparse.ArgumentParser, *, samples: int, rep
     parser.add_argument("--out", type=Path)
 
 
-def held_out_inputs(args: argparse.Namespace) -> np.ndarray:
-    """The first ``--samples`` inputs of the run's target test split (torch only to read the run)."""
+def held_out(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``--samples`` inputs of the run's target test split and their labels (torch only to read the run)."""
     from mexit.train.runner import load_run
 
     run = load_run(args.run)
-    return run.dataset.inputs(run.splits.target_test[: args.samples])
+    idx = run.splits.target_test[: args.samples]
+    return run.dataset.inputs(idx), run.dataset.y[idx]
 
 
 def main() -> None:
@@ -465,11 +466,7 @@ def main() -> None:
     if args.samples_from == "test":
         if args.run is None:
             parser.error("--run is required unless --samples-from random")
-        from mexit.train.runner import load_run  # torch only for reading the run's data split
-
-        run = load_run(args.run)
-        x = run.dataset.inputs(run.splits.target_test[: args.samples])
-        labels = run.dataset.y[run.splits.target_test[: args.samples]]
+        x, labels = held_out(args)
     else:
         labels = None
         shape = load_bundle(bundle_dir).manifest.input.sample_shape

@@ -261,12 +261,13 @@ class OrtCpuBackend:
         """Whether :meth:`predict_one` is available (see :func:`early_exit_graph`)."""
         return self._single is not None
 
-    def predict_one(self, x: np.ndarray, taus: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
-        """One sample through the single early-exit graph: ``(probs (1, C), exit index)``.
+    def predict_one(self, x: np.ndarray, taus: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """One sample through the single early-exit graph: ``(probs (1, C), exit index (1,) int64)``, the shape
+        :meth:`predict_batch` returns for a batch.
 
         ``taus`` maps ``mexit_tau{k}`` to a float32 scalar per internal exit (the runtime builds it)."""
         probs, exit_k = self._single.run([SINGLE_PROBS, SINGLE_EXIT], {self._single_input: x, **taus})
-        return probs, int(exit_k[0])
+        return probs, exit_k
 
     @property
     def has_batch_graph(self) -> bool:

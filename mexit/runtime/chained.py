@@ -176,18 +176,13 @@ class EarlyExitRuntime(FixedShape):
             force_exit = int(force_exit)
         xs = validate_inputs(x, self._input_shape, self._kind)
         n = xs.shape[0]
-        if n == 1 and self._one is not None and not full_depth:
-            # One request through the single early-exit graph: its probability row is already a fresh array,
-            # so nothing is allocated and copied around it (this Python runs on every request's latency path).
+        graph = self._one if n == 1 else self._many
+        if graph is not None and not full_depth and (n == 1 or self.backend.max_batch is None):
+            # The whole early exit as one graph run (a request, or a batch with backend_opt batch_graph): the
+            # outputs are fresh arrays, so nothing is allocated and copied around them (this Python is on every
+            # request's latency path). A batch's samples all get the call's end as their latency.
             with self._lock:
-                p, k = self._one(xs, self._taus(force_exit))
-            now = time.perf_counter_ns()
-            return Prediction(probs=p, labels=p.argmax(axis=1), exit_index=np.array([k], dtype=np.int64),
-                              latency_ns=np.array([now - t0], dtype=np.int64))
-        if n > 1 and self._many is not None and not full_depth and self.backend.max_batch is None:
-            # The batch's early exit as one graph: no per-stage timestamps, every sample's latency is the call's.
-            with self._lock:
-                p, exits = self._many(xs, self._taus(force_exit))
+                p, exits = graph(xs, self._taus(force_exit))
             now = time.perf_counter_ns()
             return Prediction(probs=p, labels=p.argmax(axis=1), exit_index=exits,
                               latency_ns=np.full(n, now - t0, dtype=np.int64))
@@ -227,13 +222,6 @@ class EarlyExitRuntime(FixedShape):
 
     def _chain(self, x: np.ndarray, offset: int, t0: int, force_exit: int | None, probs: np.ndarray,
                exit_index: np.ndarray, latency: np.ndarray) -> None:
-        if self._one is not None and len(x) == 1:  # the whole early exit in one graph run
-            p, k = self._one(x, self._taus(force_exit))
-            now = time.perf_counter_ns()
-            probs[offset] = p[0]
-            exit_index[offset] = k
-            latency[offset] = now - t0
-            return
         last = self._num_exits - 1
         policy = self.policy
         # Output rows of the samples still in flight: a plain slice until the first compaction (cheaper
