@@ -16,6 +16,9 @@ Runtime thread:
 So ``single - backbone`` is what the heads and the exit decisions add at exit k, ``runtime - single`` is the
 runtime's Python, and ``nested - flat`` is the price of ``If`` nesting, which no head optimisation can win back.
 
+``at_natural_exits`` turns these into the goal's unit: each sample timed at its own exit under each configuration,
+as realised / FLOPs-predicted speed-up. ``backbone`` is the ceiling if heads, decisions and Python cost nothing.
+
     python benchmarks/runtime_breakdown.py --run RUN_DIR --bundle BUNDLE [--threshold T] [--out …]
 """
 
@@ -96,6 +99,22 @@ def nested_backbone(bundle_dir: Path, tmp: Path, threads: int) -> list[Callable[
     return runs
 
 
+def at_natural_exits(times: dict[str, np.ndarray], exits: np.ndarray, kinds: tuple[str, ...], costs: np.ndarray,
+                     full_flops: float) -> dict:
+    """What each configuration would realise on the samples' own exits: sample i timed forced to its natural exit
+    ``exits[i]`` (median over repeats), mean over samples, as realised / FLOPs-predicted speed-up against the flat
+    full-depth graph. ``backbone`` is the ceiling with heads, decisions and Python free (``If`` nesting included);
+    each further configuration adds one of them back, ``runtime_int8_heads`` is what ``predict`` realises."""
+    rows = np.arange(len(exits))
+    full = float(np.median(times["full_depth_graph"], axis=0).mean())
+    predicted = full_flops / float(costs[exits].mean())
+    mean_ns = {kind: float(np.median(np.stack([times[f"{kind}/{k}"] for k in range(len(costs))]), axis=1)[exits, rows]
+                           .mean()) for kind in kinds}
+    return {"exit_shares": (np.bincount(exits, minlength=len(costs)) / len(exits)).tolist(),
+            "predicted_speedup_flops": predicted, "mean_latency_us": {k: v / 1e3 for k, v in mean_ns.items()},
+            "realised_over_predicted": {k: full / v / predicted for k, v in mean_ns.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_test_split_options(parser, samples=300, repeats=3)
@@ -122,8 +141,8 @@ def main() -> None:
     full = _session(b.full_path, args.threads)
     full_in = full.get_inputs()[0].name
     jobs["full_depth_graph"] = lambda xi: full.run(None, {full_in: xi})
-    med = {name: float(np.median(t, axis=0).mean()) / 1e3
-           for name, t in blocked_per_sample(jobs, x, args.repeats, np.random.default_rng(args.seed)).items()}
+    times = blocked_per_sample(jobs, x, args.repeats, np.random.default_rng(args.seed))
+    med = {name: float(np.median(t, axis=0).mean()) / 1e3 for name, t in times.items()}
     kinds = ("backbone", "single_float32", "single_int8_heads", "runtime_int8_heads")
     per_exit = []
     for k in range(k_exits):
@@ -132,6 +151,7 @@ def main() -> None:
         row["heads_decision_nesting_int8_us"] = row["single_int8_heads"] - row["backbone"]
         row["runtime_python_us"] = row["runtime_int8_heads"] - row["single_int8_heads"]
         per_exit.append({"exit": k, **row})
+    exits = rt.predict(x).exit_index
     record = {
         "benchmark": "runtime_breakdown", "run": str(args.run), "bundle": str(args.bundle),
         "arch": m.model.arch, "dataset": m.dataset.name, "threads": args.threads, "samples": len(x),
@@ -139,6 +159,8 @@ def main() -> None:
         "nesting": {"full_depth_graph_us": med["full_depth_graph"],
                     "nested_if_backbone_us": med[f"backbone/{k_exits - 1}"], "if_levels": k_exits - 1,
                     "cost_us": med[f"backbone/{k_exits - 1}"] - med["full_depth_graph"]},
+        "at_natural_exits": at_natural_exits(times, exits, kinds, np.asarray(rt.exit_costs, dtype=np.float64),
+                                             float(m.exits[-1].cumulative_flops)),
         "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()},
         "provenance": provenance(seed=args.seed),
     }
@@ -151,6 +173,7 @@ def main() -> None:
               f"{r['runtime_int8_heads']:8.0f} | {r['heads_decision_nesting_float32_us']:6.0f} "
               f"{r['heads_decision_nesting_int8_us']:6.0f} {r['runtime_python_us']:6.0f}")
     print(json.dumps(record["nesting"]))
+    print(json.dumps(record["at_natural_exits"]["realised_over_predicted"]))
     print(f"written to {out}")
 
 

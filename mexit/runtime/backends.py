@@ -197,6 +197,11 @@ class OrtCpuBackend:
     thread_safe = True
     max_batch: int | None = None
 
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """A GPU index or ``fp16`` is refused up front: this backend runs float32 on the CPU."""
+        refuse_gpu_options(cls.name, options.get("device"), bool(options.get("fp16")), gpu_backends=GPU_BACKENDS)
+
     def __init__(
         self,
         bundle: Bundle | str | os.PathLike[str],
@@ -212,7 +217,7 @@ class OrtCpuBackend:
         int8_heads: bool = False,
         batch_graph: bool = False,
     ) -> None:
-        refuse_gpu_options(self.name, device, fp16, gpu_backends=GPU_BACKENDS)
+        self.validate_options({"device": device, "fp16": fp16})
         rt = require_ort()
         self.bundle = load_bundle(bundle)
         self.io_binding = io_binding
@@ -500,6 +505,23 @@ class OrtGpuBackend:
     thread_safe = True
     max_batch: int | None = None
 
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """The option values refused whatever the machine: provider, fp16 without TensorRT, the cuDNN search
+        mode, max_batch, a device that is no GPU index."""
+        provider = options.get("provider", "cuda")
+        if provider not in ("cuda", "tensorrt"):
+            raise ConfigError(f"provider must be 'cuda' or 'tensorrt', got {provider!r}")
+        if options.get("fp16") and provider != "tensorrt":
+            raise ConfigError("fp16 needs provider=tensorrt for backend onnxruntime-gpu (or use backend tensorrt)")
+        search = str(options.get("cudnn_conv_algo_search", "HEURISTIC")).upper()
+        if search not in CUDNN_SEARCH:
+            raise ConfigError(f"cudnn_conv_algo_search must be one of {', '.join(CUDNN_SEARCH)}, got {search!r}")
+        max_batch = options.get("max_batch", 256)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        gpu_index(cls.name, options.get("device"))
+
     def __init__(
         self,
         bundle: Bundle | str | os.PathLike[str],
@@ -513,15 +535,9 @@ class OrtGpuBackend:
         trt_cache_dir: str | None = None,
         max_batch: int = 256,
     ) -> None:
-        if provider not in ("cuda", "tensorrt"):
-            raise ConfigError(f"provider must be 'cuda' or 'tensorrt', got {provider!r}")
-        if fp16 and provider != "tensorrt":
-            raise ConfigError("fp16 needs provider=tensorrt for backend onnxruntime-gpu (or use backend tensorrt)")
+        self.validate_options({"device": device, "fp16": fp16, "provider": provider,
+                               "cudnn_conv_algo_search": cudnn_conv_algo_search, "max_batch": max_batch})
         search = str(cudnn_conv_algo_search).upper()
-        if search not in CUDNN_SEARCH:
-            raise ConfigError(f"cudnn_conv_algo_search must be one of {', '.join(CUDNN_SEARCH)}, got {search!r}")
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         rt = require_ort()
         self.bundle = load_bundle(bundle)
         self.device_id = gpu_index(self.name, device)

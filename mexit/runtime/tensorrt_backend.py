@@ -266,6 +266,11 @@ class TensorRTBackend:
     name = "tensorrt"
     thread_safe = False
 
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """A device that is no GPU index is refused before TensorRT is imported."""
+        gpu_index(cls.name, options.get("device"))
+
     def __init__(
         self,
         bundle: Bundle | str | os.PathLike[str],

@@ -81,6 +81,22 @@ class TorchBackend:
     name = "torch"
     max_batch: int | None = None
 
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """fp16, a device that is neither ``cpu`` nor a GPU index, CUDA graphs on the CPU and a bad
+        ``cuda_graph_max_batch`` are refused before PyTorch is imported."""
+        if options.get("fp16"):
+            raise ConfigError("backend 'torch' runs the FP32 torch.export programs; fp16 applies to backend tensorrt")
+        device = options.get("device")
+        on_cpu = device is None or str(device).strip().lower() == "cpu"
+        if not on_cpu:
+            gpu_index(cls.name, device)
+        if options.get("cuda_graphs") and on_cpu:
+            raise ConfigError("cuda_graphs=True needs a GPU device (device=0)")
+        gmax = options.get("cuda_graph_max_batch", 64)
+        if isinstance(gmax, bool) or not isinstance(gmax, int) or gmax < 1:
+            raise ConfigError(f"cuda_graph_max_batch must be an integer >= 1, got {gmax!r}")
+
     def __init__(
         self,
         bundle: Bundle | str | os.PathLike[str],
@@ -92,8 +108,8 @@ class TorchBackend:
         cuda_graph_max_batch: int = 64,
         tf32: bool = False,
     ) -> None:
-        if fp16:
-            raise ConfigError("backend 'torch' runs the FP32 torch.export programs; fp16 applies to backend tensorrt")
+        self.validate_options({"device": device, "fp16": fp16, "cuda_graphs": cuda_graphs,
+                               "cuda_graph_max_batch": cuda_graph_max_batch})
         torch = _import_torch()
         self._torch = torch
         self.bundle = load_bundle(bundle)
@@ -117,11 +133,6 @@ class TorchBackend:
                                               f"pick device 0..{count - 1}")
             self.device = torch.device("cuda", index)
         cuda = self.device.type == "cuda"
-        if cuda_graphs and not cuda:
-            raise ConfigError("cuda_graphs=True needs a GPU device (device=0)")
-        gmax = cuda_graph_max_batch
-        if isinstance(gmax, bool) or not isinstance(gmax, int) or gmax < 1:
-            raise ConfigError(f"cuda_graph_max_batch must be an integer >= 1, got {cuda_graph_max_batch!r}")
         if threads is not None:
             torch.set_num_threads(int(threads))
         if cuda:

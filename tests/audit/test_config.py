@@ -89,6 +89,11 @@ def test_unknown_keys_are_refused_with_the_allowed_ones(overrides, needle):
         (["deployment.backend_options.int8_heads='maybe'"], "deployment.backend_options", "takes true/false"),
         (["deployment.backend_options.threads=2"], "deployment.backend_options", "deployment.threads"),
         (["deployment.backend_options.fp16=1"], "deployment.backend_options", "fp16 must be true or false"),
+        # values the backend refuses whatever the bundle: at config load, not when the runtime is built
+        (["deployment.backend_options.fp16=true"], "deployment.backend_options", "has no FP16 mode"),
+        (["deployment.backend_options.device=0"], "deployment.backend_options", "needs a GPU backend"),
+        (["deployment.backend='onnxruntime-gpu'", "deployment.backend_options.provider='rocm'"],
+         "deployment.backend_options", "provider must be 'cuda' or 'tensorrt'"),
     ],
 )
 def test_cross_field_rules(overrides, key, needle):

@@ -56,6 +56,38 @@ def test_cpu_backend_refuses_gpu_options(conv_bundle):
     assert rt.backend.options["threads"] == 2
 
 
+@pytest.mark.parametrize(
+    ("name", "opts", "needle"),
+    [
+        ("onnxruntime", {"device": 0}, "runs on the CPU; device=0 needs a GPU backend"),
+        ("onnxruntime", {"fp16": True}, "no FP16 mode"),
+        ("onnxruntime-gpu", {"provider": "rocm"}, "provider must be 'cuda' or 'tensorrt'"),
+        ("onnxruntime-gpu", {"fp16": True}, "fp16 needs provider=tensorrt"),
+        ("onnxruntime-gpu", {"cudnn_conv_algo_search": "fast"}, "cudnn_conv_algo_search must be one of"),
+        ("onnxruntime-gpu", {"max_batch": 0}, "max_batch must be an integer >= 1"),
+        ("onnxruntime-gpu", {"device": "gpu-a"}, "device must be a GPU index"),
+        ("tensorrt", {"device": -1}, "device must be a GPU index >= 0"),
+        ("torch", {"fp16": True}, "fp16 applies to backend tensorrt"),
+        ("torch", {"cuda_graphs": True}, "cuda_graphs=True needs a GPU device"),
+        ("torch", {"cuda_graph_max_batch": 0}, "cuda_graph_max_batch must be an integer >= 1"),
+        ("torch", {"device": "tpu"}, "device must be a GPU index"),
+    ],
+)
+def test_option_values_are_refused_before_anything_loads(name, opts, needle):
+    """The backends' own static rules run in check_options: no bundle, package or device is needed to refuse them
+    (so an audit config or `mexit serve --backend-opt` fails at once, not after minutes of work)."""
+    with pytest.raises(ConfigError, match=needle) as info:
+        registry.check_options(name, opts)
+    assert "\n" not in str(info.value)
+
+
+def test_valid_option_values_pass_the_static_rules():
+    assert registry.check_options("onnxruntime", {"device": "cpu", "fp16": False}) == {"device": "cpu", "fp16": False}
+    assert registry.check_options("onnxruntime-gpu", {"provider": "tensorrt", "fp16": True, "device": "cuda:1"})
+    assert registry.check_options("torch", {"device": "cpu"}) and registry.check_options("torch", {"device": 0})
+    assert registry.check_options("tensorrt", {"device": "0", "fp16": True})
+
+
 def test_deprecated_intra_op_threads_alias(conv_bundle):
     with pytest.warns(DeprecationWarning, match="intra_op_threads"):
         rt = EarlyExitRuntime(conv_bundle, intra_op_threads=3)
