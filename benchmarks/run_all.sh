@@ -40,9 +40,9 @@ python benchmarks/timeguard_claim.py runs/audit-location-s0 runs/audit-location-
   --out $R/timeguard_claim_location.json
 # Issue 14, session 7: where a batch-1 early exit spends its time, and the timing channel with int8 heads
 python benchmarks/runtime_breakdown.py --run runs/cifar10/e50-n600/resnet56-x6-target \
-  --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 --repeats 5
+  --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 --repeats 9
 python benchmarks/runtime_breakdown.py --run runs/audit-location/train-target-*/run \
-  --bundle runs/audit-location/export-target-*/bundle --repeats 5
+  --bundle runs/audit-location/export-target-*/bundle --repeats 7
 for s in 31 32 33 34 35; do
   n=$([ $s -ge 34 ] && echo 400 || echo 200)
   for m in float32 int8; do
@@ -60,6 +60,6 @@ if python -c "import openvino" 2>/dev/null; then
 fi
 # A batch's early exit as one graph (batch_graph=True) against the per-stage chain
 python benchmarks/batch_graph_throughput.py --run runs/audit-location/train-target-*/run \
-  --bundle runs/audit-location/export-target-*/bundle --repeats 11
+  --bundle runs/audit-location/export-target-*/bundle --repeats 21
 python benchmarks/batch_graph_throughput.py --run runs/cifar10/e50-n600/resnet56-x6-target \
-  --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 --repeats 5 --samples 512
+  --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 --repeats 7
