@@ -43,6 +43,11 @@ python benchmarks/runtime_breakdown.py --run runs/cifar10/e50-n600/resnet56-x6-t
   --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 --repeats 9
 python benchmarks/runtime_breakdown.py --run runs/audit-location/train-target-*/run \
   --bundle runs/audit-location/export-target-*/bundle --repeats 7
+# Issue 14, session 8: the batch-1 request path with and without numpy calls around the single graph's run
+python benchmarks/request_path_numpy.py --run runs/audit-location/train-target-*/run \
+  --bundle runs/audit-location/export-target-*/bundle --int8-heads --samples 1000
+python benchmarks/request_path_numpy.py --run runs/cifar10/e50-n600/resnet56-x6-target \
+  --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 --int8-heads --samples 600
 for s in 31 32 33 34 35; do
   n=$([ $s -ge 34 ] && echo 400 || echo 200)
   for m in float32 int8; do

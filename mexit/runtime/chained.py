@@ -16,12 +16,9 @@ call (input validation included) to the moment sample ``i``'s exit decision was 
 batch it is therefore non-decreasing in the exit index. (With ``OrtCpuBackend(batch_graph=True)`` a batch runs
 as one graph and every sample's latency is the end of the call.)
 
-Inputs (validated before any backend call, :class:`mexit.errors.InputError` naming expected vs given):
-a numpy array ``(n, *input_shape)`` with ``n >= 1``, finite values, of a real numeric dtype. Floats of
-any width are cast to float32. For image bundles ``uint8`` is accepted and scaled by 1/255 (the
-training convention); other integer dtypes are refused for images (their scale is ambiguous). For
-tabular bundles integers are cast as they are. Booleans, complex numbers, strings and objects are
-refused: cast explicitly.
+Inputs: see :mod:`mexit.runtime.inputs` (:class:`mexit.errors.InputError` naming expected vs given). They are
+validated before any backend call, except that a batch-1 request on a single-graph backend has its finiteness
+checked inside that graph (the same error, and no result): numpy calls between requests slow the next ``run``.
 """
 
 from __future__ import annotations
@@ -36,57 +33,10 @@ import numpy as np
 
 from mexit.bundle import Bundle, Manifest, load_bundle
 from mexit.errors import ConfigError, InputError
+from mexit.runtime.inputs import validate_inputs
 from mexit.runtime.policy import ExitPolicy, shifted_exp, softmax
 from mexit.runtime.registry import get_backend
 from mexit.runtime.types import Backend, FixedShape, Prediction
-
-
-def validate_inputs(x: Any, input_shape: tuple[int, ...], kind: str) -> np.ndarray:
-    """Check ``x`` against the bundle's input spec and return it as C-contiguous float32 (see module doc)."""
-    if (
-        type(x) is np.ndarray
-        and x.dtype == np.float32
-        and x.shape[1:] == input_shape
-        and x.ndim == len(input_shape) + 1
-        and x.shape[0] > 0
-        and x.flags.c_contiguous
-    ):  # the common case, kept cheap: it is on every request's latency path
-        if not np.isfinite(x).all():
-            raise InputError(f"expected finite values, got {int(x.size - np.isfinite(x).sum())} NaN/inf value(s)")
-        return x
-    expected = f"(n, {', '.join(map(str, input_shape))})"
-    if not isinstance(x, np.ndarray):
-        raise InputError(f"expected a numpy array of shape {expected} float32, got {type(x).__name__}")
-    dt = x.dtype
-    if dt.kind not in "fiu":
-        raise InputError(
-            f"expected a real numeric array (float32 preferred), got dtype {dt}; cast it, e.g. x.astype(np.float32)"
-        )
-    if dt.kind in "iu" and kind == "image" and dt != np.uint8:
-        raise InputError(
-            f"expected image inputs as float32 in [0, 1] (or uint8 in [0, 255]), got dtype {dt}; "
-            "convert with x.astype(np.float32) / 255 if they are 0..255 pixels"
-        )
-    if x.ndim != len(input_shape) + 1:
-        hint = "; add a batch axis (x[None])" if tuple(x.shape) == tuple(input_shape) else ""
-        raise InputError(f"expected an array of rank {len(input_shape) + 1} {expected}, got shape {x.shape}{hint}")
-    if tuple(x.shape[1:]) != tuple(input_shape):
-        raise InputError(f"expected per-sample shape {tuple(input_shape)} {expected}, got shape {x.shape}")
-    if x.shape[0] == 0:
-        raise InputError(f"expected a non-empty batch {expected}, got shape {x.shape}")
-    if dt == np.uint8 and kind == "image":
-        out = x.astype(np.float32)
-        out /= np.float32(255.0)  # division, exactly as mexit.data and the trainer scale pixels
-        return out
-    with np.errstate(over="ignore"):  # float64 beyond the float32 range becomes inf: reported just below
-        out = np.ascontiguousarray(x, dtype=np.float32)
-    if dt.kind == "f" and not np.isfinite(out).all():
-        bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
-        raise InputError(
-            f"expected finite values, got {bad} NaN/inf value(s)"
-            + (" (float64 values beyond the float32 range overflow)" if dt.itemsize > 4 else "")
-        )
-    return out
 
 
 class EarlyExitRuntime(FixedShape):
@@ -139,6 +89,7 @@ class EarlyExitRuntime(FixedShape):
         # threshold per internal exit: the policy's, or +-inf to force an exit along the same path.
         self._one = (getattr(self.backend, "predict_one", None)
                      if self.policy.kind == "max_prob" and getattr(self.backend, "has_single_graph", False) else None)
+        self._one_checks_finite = self._one is not None and bool(getattr(self.backend, "checks_finite_one", False))
         self._tau_feeds: dict[int | None, dict[str, np.ndarray]] = {}
         # Backends that run a whole batch's per-sample early exit as one graph (OrtCpuBackend(batch_graph=True)).
         self._many = (getattr(self.backend, "predict_batch", None)
@@ -174,18 +125,19 @@ class EarlyExitRuntime(FixedShape):
             if full_depth:
                 raise InputError("full_depth and force_exit are exclusive: pass one of them")
             force_exit = int(force_exit)
-        xs = validate_inputs(x, self._input_shape, self._kind)
+        one = self._one_checks_finite and not full_depth and getattr(x, "shape", (0,))[:1] == (1,)
+        xs = validate_inputs(x, self._input_shape, self._kind, finite=not one)  # else the graph checks it
         n = xs.shape[0]
         graph = self._one if n == 1 else self._many
         if graph is not None and not full_depth and (n == 1 or self.backend.max_batch is None):
-            # The whole early exit as one graph run (a request, or a batch with backend_opt batch_graph): the
-            # outputs are fresh arrays, so nothing is allocated and copied around them (this Python is on every
-            # request's latency path). A batch's samples all get the call's end as their latency.
+            # The whole early exit as one graph run (a request, or a batch with backend_opt batch_graph), labels
+            # included: the outputs are fresh arrays, so nothing is allocated or copied around them, and no numpy
+            # call runs on a request's latency path. A batch's samples all get the call's end as their latency.
             with self._lock:
-                p, exits = graph(xs, self._taus(force_exit))
+                p, exits, labels = graph(xs, self._taus(force_exit))
             now = time.perf_counter_ns()
-            return Prediction(probs=p, labels=p.argmax(axis=1), exit_index=exits,
-                              latency_ns=np.full(n, now - t0, dtype=np.int64))
+            latency = np.array([now - t0], dtype=np.int64) if n == 1 else np.full(n, now - t0, dtype=np.int64)
+            return Prediction(probs=p, labels=labels, exit_index=exits, latency_ns=latency)
         probs = np.empty((n, self._num_classes), dtype=np.float32)
         exit_index = np.empty(n, dtype=np.int64)
         latency = np.empty(n, dtype=np.int64)

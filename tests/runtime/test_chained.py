@@ -207,6 +207,46 @@ def test_inf_is_rejected(conv_rt, batch):
         conv_rt.predict(x)
 
 
+@pytest.mark.parametrize("single_graph", [True, False])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_nonfinite_request_is_refused_on_both_paths(conv_bundle, batch, single_graph, value):
+    """Batch 1 on the single graph checks finiteness inside the graph (no numpy between requests): the same
+    one-line error as the numpy check of the chain, and no result; the runtime serves the next request."""
+    rt = EarlyExitRuntime(conv_bundle, single_graph=single_graph)
+    assert (rt._one is not None) is single_graph and rt._one_checks_finite is single_graph
+    x = batch[:1].copy()
+    x[0, 0, 1, 5] = value
+    with pytest.raises(InputError, match=r"^expected finite values, got 1 NaN/inf value\(s\)$"):
+        rt.predict(x)
+    x[0, 0, 2, 2] = value
+    with pytest.raises(InputError, match="got 2 NaN/inf"):
+        rt.predict(x, force_exit=0)
+    with pytest.raises(InputError, match="float32 range"):  # converted inputs are still checked by numpy
+        rt.predict(np.full((1, 1, 8, 8), 1e300))
+    ok = rt.predict(batch[:1])
+    assert ok.exit_index.shape == ok.labels.shape == ok.latency_ns.shape == (1,)
+    assert ok.labels.dtype == np.int64 and ok.labels[0] == ok.probs[0].argmax()
+
+
+def test_single_graph_labels_are_the_probabilities_argmax(conv_bundle):
+    x = tiny.conv_inputs(32, seed=21)
+    rt = EarlyExitRuntime(conv_bundle)
+    for i in range(len(x)):
+        got = rt.predict(x[i : i + 1])
+        assert got.labels.dtype == np.int64 and got.labels[0] == got.probs.argmax(axis=1)[0]
+
+
+def test_validate_inputs_can_leave_finiteness_to_the_backend():
+    from mexit.runtime.inputs import validate_inputs
+
+    x = np.full((1, 3), np.nan, dtype=np.float32)
+    assert validate_inputs(x, (3,), "tabular", finite=False) is x
+    with pytest.raises(InputError, match="3 NaN/inf"):
+        validate_inputs(x, (3,), "tabular")
+    with pytest.raises(InputError, match="finite"):  # a conversion is always followed by the check
+        validate_inputs(x.astype(np.float64), (3,), "tabular", finite=False)
+
+
 def test_bad_call_options(conv_rt, batch, conv_bundle):
     with pytest.raises(InputError, match=r"0\.\.2"):
         conv_rt.predict(batch, force_exit=3)
