@@ -274,6 +274,19 @@ class PredictPlan:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        """One line for people: where predictions run and, for ``auto``, the measured cost that decided it."""
+        if self.mode == "async":
+            return "awaited (the runtime's predict_async, e.g. a timing defense)"
+        if self.mode == "inline":
+            return "on the event loop"
+        if self.mode == "thread":
+            return "in worker threads"
+        cost = f"worst case at batch 1 {self.batch1_ms:.2f} ms, bound {self.inline_below_ms:g} ms"
+        if self.max_inline_batch == 0:
+            return f"in worker threads ({cost}; --predict inline keeps them on the event loop)"
+        return f"on the event loop up to batch {self.max_inline_batch}, larger in worker threads ({cost})"
+
 
 def measure_predict_cost(runtime: Runtime, *, budget_s: float = 0.5, repeats: int = 15,
                          give_up_s: float = 0.05) -> tuple[float, float] | None:
@@ -287,6 +300,10 @@ def measure_predict_cost(runtime: Runtime, *, budget_s: float = 0.5, repeats: in
     the 2-core reference box at load 10, a quarter of the calls took 10-13 ms instead of 1.5 ms); that
     delay is not the model's, it strikes a thread hand-off just as hard, and counting it would make
     the choice depend on the moment of start-up. The per-sample slope comes from batch 8 the same way.
+    Each batch size is timed in its own block, as a server answering requests of one size runs it: a
+    batch-1 call right after a batch-8 one runs on caches the other path filled (the chained runtime's
+    single batch-1 graph holds its own copy of every weight) and took 2.3-2.6 ms instead of 1.4 ms for
+    the Location FCN-18-1 ×6, enough to flip the plan.
     ``None`` if the runtime fails on a seeded random input (the server then uses the thread pool, and
     real requests will surface the failure); one call slower than ``give_up_s`` ends the measurement.
     """
@@ -310,13 +327,13 @@ def measure_predict_cost(runtime: Runtime, *, budget_s: float = 0.5, repeats: in
         first = call(x1)
         if first > give_up_s:
             return first, first
-        call(x8)
         ones: list[float] = []
         eights: list[float] = []
-        deadline = time.perf_counter() + budget_s
-        while len(ones) < repeats and time.perf_counter() < deadline:
-            ones.append(call(x1))
-            eights.append(call(x8))
+        for x, times in ((x1, ones), (x8, eights)):
+            call(x)  # a warm-up in each block
+            deadline = time.perf_counter() + budget_s / 2
+            while len(times) < repeats and time.perf_counter() < deadline:
+                times.append(call(x))
     except Exception as exc:
         logger.warning("could not time the runtime at start-up (%s: %s); predictions run in worker threads",
                        type(exc).__name__, exc)

@@ -88,17 +88,21 @@ def serve(
     limit_concurrency: int = DEFAULT_LIMIT_CONCURRENCY,
     timeout_keep_alive: int = DEFAULT_KEEP_ALIVE_S,
     on_bound: Callable[[str], None] | None = None,
+    on_plan: Callable[[Any], None] | None = None,
     **app_opts: Any,
 ) -> None:
     """Serve ``runtime`` over the Open Inference Protocol until interrupted (SIGINT/SIGTERM).
 
     ``app_opts`` go to :func:`mexit.serve.app.create_app` (``model_name`` is required there).
     ``on_bound(url)`` is called once the port is bound, before requests are accepted (the CLI prints
-    the URL; ``mexit serve --info-file`` writes it for :class:`ServerProcess`).
+    the URL; ``mexit serve --info-file`` writes it for :class:`ServerProcess`). ``on_plan(plan)`` gets the
+    :class:`mexit.serve.app.PredictPlan` the app chose (the CLI prints ``plan.describe()``).
     """
     import uvicorn
 
     app = create_app(runtime, **app_opts)
+    if on_plan is not None:
+        on_plan(app.state.predict_plan)
     sock = bind_socket(host, port)
     try:
         sock.listen(_BACKLOG)  # connections made as soon as the URL is announced wait in the backlog

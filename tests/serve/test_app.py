@@ -16,6 +16,7 @@ from mexit import __version__
 from mexit.errors import ConfigError
 from mexit.runtime.types import Prediction
 from mexit.serve import create_app
+from mexit.serve.app import PredictPlan
 from mexit.serve.client import decode_infer_response
 from mexit.serve.protocol import DATATYPES
 from mexit.serve.testing import ToyRuntime
@@ -418,6 +419,42 @@ class SleepyRuntime(ToyRuntime):
     def predict(self, x: np.ndarray, *, full_depth: bool = False, force_exit: int | None = None) -> Prediction:
         time.sleep(self.per_sample_s * len(x))
         return super().predict(x, full_depth=full_depth, force_exit=force_exit)
+
+
+class SwitchCostRuntime(ToyRuntime):
+    """Costs 10 ms when the batch size differs from the previous call's (caches the other path filled), 0.5 ms
+    otherwise: a chained runtime whose batch-1 graph and batch path hold their own copies of the weights."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.last = 0
+
+    def predict(self, x: np.ndarray, *, full_depth: bool = False, force_exit: int | None = None) -> Prediction:
+        time.sleep(0.010 if len(x) != self.last else 0.0005)
+        self.last = len(x)
+        return super().predict(x, full_depth=full_depth, force_exit=force_exit)
+
+
+def test_predict_cost_is_timed_per_batch_size_in_blocks() -> None:
+    """Alternating batch 1 and batch 8 would time every call after a switch (10 ms here): the plan would send a
+    0.5 ms model to the thread pool. Timed in blocks, batch 1 is the model's own cost and the plan stays inline."""
+    plan = create_app(SwitchCostRuntime(), model_name="toy", inline_below_ms=2.0).state.predict_plan
+    assert plan.batch1_ms < 2.0 and plan.max_inline_batch >= 1
+
+
+@pytest.mark.parametrize(
+    ("plan", "needles"),
+    [
+        (PredictPlan("auto", 4, 2.0, 1.48, 0.21), ["event loop up to batch 4", "1.48 ms", "bound 2 ms"]),
+        (PredictPlan("auto", 0, 2.0, 2.57, 0.2), ["in worker threads", "2.57 ms", "--predict inline"]),
+        (PredictPlan("thread", 0), ["in worker threads"]),
+        (PredictPlan("inline", 64), ["on the event loop"]),
+        (PredictPlan("async", 0), ["awaited"]),
+    ],
+)
+def test_predict_plan_describes_itself_in_one_line(plan: PredictPlan, needles: list[str]) -> None:
+    text = plan.describe()
+    assert "\n" not in text and all(n in text for n in needles)
 
 
 def test_predict_plan_follows_the_measured_cost(toy: ToyRuntime) -> None:

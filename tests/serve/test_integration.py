@@ -92,6 +92,8 @@ def test_cli_serve_command_end_to_end(mlp_bundle: Path) -> None:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert "serving 'tiny-mlp-toy-rows' at http://127.0.0.1:" in line and "defense: none" in line
         url = line.split(" at ")[1].split("/v2/")[0]
+        plan = proc.stdout.readline()  # type: ignore[union-attr]
+        assert plan.startswith("predictions run on the event loop"), plan  # a tiny model: always inline
         with OIPClient(url, "tiny-mlp-toy-rows", timeout_s=30) as client:
             assert client.ready()
             out = client.infer(_inputs(3)).outputs
