@@ -13,9 +13,17 @@ import time
 import numpy as np
 import pytest
 
-from mexit.defense import ConstantTimePadding, ExactHasher, GuardedRuntime, TimeGuard, calibrate_clean_times
+from mexit.defense import (
+    ConstantTimePadding,
+    ExactHasher,
+    GuardedRuntime,
+    QuantilePadding,
+    TimeGuard,
+    calibrate_clean_times,
+)
+from mexit.defense.guarded import REFIT_MIN_REQUESTS, REFIT_OVERRUNS
 from mexit.errors import ConfigError
-from mexit.runtime.types import Runtime
+from mexit.runtime.types import Prediction, Runtime
 from tests.defense._fakes import EXIT_TIMES_S, FakeRuntime, PlainFakeRuntime, inputs_for_exits
 
 KEY = bytes(range(32))
@@ -138,3 +146,68 @@ def test_target_counts_from_compute_start_not_from_a_queued_arrival() -> None:
     assert guarded.overruns == 1 and guarded.requests == 1
     with pytest.raises(ConfigError, match="release_from"):
         GuardedRuntime(FakeRuntime(), ConstantTimePadding(), clean_times_s=clean, release_from="queue")  # type: ignore[arg-type]
+
+
+class SlowerLive(FakeRuntime):
+    """Calibrates at the fake's per-exit times, then runs the deepest exit 3 ms slower (as a served call runs
+    slower than calibration's back-to-back loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = False
+
+    def _run(self, x: np.ndarray, exits: np.ndarray) -> Prediction:
+        if self.live and len(exits) and int(exits.max()) == self.num_exits - 1:
+            time.sleep(0.003)
+        return super()._run(x, exits)
+
+
+def _serve(guarded: GuardedRuntime, x: np.ndarray, n: int) -> int:
+    """Send ``n`` batch-1 requests cycling through ``x``; how many overran."""
+    before = guarded.overruns
+    for i in range(n):
+        guarded.predict(x[i % len(x)][None])
+    return guarded.overruns - before
+
+
+def _settled(guarded: GuardedRuntime, refits: int) -> None:
+    """Wait (bounded) until ``guarded`` has made at least ``refits`` refits and none is running."""
+    deadline = time.monotonic() + 5
+    while (guarded.refits < refits or guarded._refitting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_a_fitted_policy_refits_on_live_times_after_overruns(adapt: bool) -> None:
+    """Live compute slower than calibrated: the deepest exit overruns padding's release and shows through; with
+    ``adapt`` the guard refits on the times it met live (a shift, then a margin that grows while overruns go on),
+    and the overruns stop."""
+    rt = SlowerLive()
+    guarded = GuardedRuntime(rt, QuantilePadding(0.99), calibration_inputs=inputs_for_exits([0, 1, 2]), repeats=5,
+                             adapt=adapt)
+    release_before = guarded.policy.release_s
+    rt.live = True
+    x = inputs_for_exits([0, 2, 0, 2])
+    first = _serve(guarded, x, 60)  # overruns: every exit-2 request until a refit
+    assert first >= 2
+    if adapt:
+        _settled(guarded, 1)
+    _serve(guarded, x, 250)  # later refits, if overruns go on (>= 1 % over >= 200 requests), add the margin
+    if adapt:
+        _settled(guarded, 1)
+    last = _serve(guarded, x, 40)
+    described = guarded.describe()
+    if adapt:
+        assert guarded.refits >= 1 and described["refits"] == guarded.refits and described["adapt"] is True
+        assert guarded.policy.release_s > release_before + 0.002  # moved past the slower exit-2 compute
+        assert last <= 8, (last, guarded.refits, described["refit_margin_s"])  # of 20 exit-2 calls (all without)
+        assert described["live_samples"][0] > 0 and described["live_samples"][2] > 0
+    else:
+        assert guarded.refits == 0 and last >= 15 and described["live_samples"] == [0, 0, 0]
+
+
+def test_timeguard_never_refits() -> None:
+    """TimeGuard has no fit: adapting does not apply (its releases follow the clean medians plus noise)."""
+    guarded = GuardedRuntime(FakeRuntime(), TimeGuard(0.0, KEY, ExactHasher()), clean_times_s=[0.0, 0.0, 0.0])
+    _serve(guarded, inputs_for_exits([2, 2]), REFIT_MIN_REQUESTS + 5)
+    assert guarded.overruns > REFIT_OVERRUNS and guarded.refits == 0 and guarded.describe()["adapt"] is False
