@@ -102,6 +102,10 @@ def main() -> None:
                "optimal(epsilon=0.05)": parse_defense("optimal", {"epsilon": 0.05})}
     guarded = {name: build_guarded(runtime, cfg, key=key, kind="tabular", clean_times=clean)
                for name, cfg in configs.items()}
+    # Without the live refit (adapt=False, the behaviour before session 8): contended compute overruns the releases.
+    for name in ("padding", "optimal(epsilon=0.05)"):
+        guarded[f"{name} (no live refit)"] = build_guarded(runtime, configs[name], key=key, kind="tabular",
+                                                           clean_times=clean, adapt=False)
     # The former behaviour for comparison: the target counted from arrival, so queueing eats into it.
     guarded["padding (release from arrival)"] = GuardedRuntime(
         runtime, build_policy(configs["padding"], key=key, kind="tabular"), clean_times=clean, release_from="arrival")

@@ -181,8 +181,9 @@ def build_policy(config: DefenseConfig, *, key: bytes | None, kind: str) -> Dela
 
 def build_guarded(runtime: Any, config: DefenseConfig, *, key: bytes | None, kind: str,
                   calibration_inputs: np.ndarray | None = None, clean_times: CleanTimes | None = None,
-                  repeats: int | None = None) -> Any:
-    """A :class:`~mexit.defense.guarded.GuardedRuntime` for ``config``, calibrated now.
+                  repeats: int | None = None, adapt: bool = True) -> Any:
+    """A :class:`~mexit.defense.guarded.GuardedRuntime` for ``config``, calibrated now (``adapt``: refit on live
+    times after overruns, see :class:`~mexit.defense.guarded.GuardedRuntime`).
 
     Calibration uses ``clean_times`` when given (e.g. from an audit's recording), else the runtime
     (``force_exit`` or ``calibration_inputs``) with ``repeats`` calls per exit — by default enough for
@@ -199,7 +200,7 @@ def build_guarded(runtime: Any, config: DefenseConfig, *, key: bytes | None, kin
         repeats = DEFAULT_REPEATS if q is None else int(min(MAX_QUANTILE_REPEATS, max(DEFAULT_REPEATS,
                                                                                       math.ceil(1 / (1 - q + 1e-12)))))
     return GuardedRuntime(runtime, policy, calibration_inputs=calibration_inputs, clean_times=clean_times,
-                          repeats=repeats)
+                          repeats=repeats, adapt=adapt)
 
 
 # ------------------------------------------------------------------------------------ registrations
