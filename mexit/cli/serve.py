@@ -131,7 +131,7 @@ def command(bundle: Path | None, host: str, port: int, model_name: str | None, e
         click.echo(f"serving {name!r} at {url}/v2/models/{name} (exposes {expose}"
                    f"{' + exit index' if expose_exit else ''}; defense: {shown}); Ctrl-C to stop")
         for text in plan_text:
-            click.echo(f"predictions run {text}")
+            click.echo(f"predictions {text}")
 
     serve(served.runtime, host=host, port=port, log_level=log_level, on_bound=on_bound, on_plan=on_plan,
           model_name=name, expose=expose, expose_exit=expose_exit, max_body_bytes=max_body_bytes(max_body_mb),

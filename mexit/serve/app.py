@@ -275,17 +275,19 @@ class PredictPlan:
         return asdict(self)
 
     def describe(self) -> str:
-        """One line for people: where predictions run and, for ``auto``, the measured cost that decided it."""
+        """One line for people (after "predictions "): where they run and, for ``auto``, the measured cost that
+        decided it."""
         if self.mode == "async":
-            return "awaited (the runtime's predict_async, e.g. a timing defense)"
+            return "are awaited through the runtime's predict_async (a timing defense: compute in worker threads, "\
+                   "the wait on the event loop)"
         if self.mode == "inline":
-            return "on the event loop"
+            return "run on the event loop"
         if self.mode == "thread":
-            return "in worker threads"
+            return "run in worker threads"
         cost = f"worst case at batch 1 {self.batch1_ms:.2f} ms, bound {self.inline_below_ms:g} ms"
         if self.max_inline_batch == 0:
-            return f"in worker threads ({cost}; --predict inline keeps them on the event loop)"
-        return f"on the event loop up to batch {self.max_inline_batch}, larger in worker threads ({cost})"
+            return f"run in worker threads ({cost}; --predict inline keeps them on the event loop)"
+        return f"run on the event loop up to batch {self.max_inline_batch}, larger in worker threads ({cost})"
 
 
 def measure_predict_cost(runtime: Runtime, *, budget_s: float = 0.5, repeats: int = 15,
