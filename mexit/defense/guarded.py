@@ -209,7 +209,6 @@ class GuardedRuntime:
             raise ConfigError(f"GuardedRuntime needs a delay policy with target_latency_s(); "
                               f"got {type(policy).__name__}")
         self._runtime = runtime
-        self.policy = policy
         clean: CleanTimes | None = clean_times
         if clean is not None:
             times, method = clean.medians(), "given"
@@ -227,7 +226,7 @@ class GuardedRuntime:
                 raise ConfigError(f"{type(policy).__name__} needs clean-time distributions: pass clean_times "
                                   f"(CleanTimes) or let GuardedRuntime calibrate, not clean_times_s")
             fit(clean)
-        self._clean_times_s = times
+        self._fitted = (policy, times)  # the policy and the medians it reads, swapped together by a refit
         self.clean_times = clean
         self.calibration_method = method
         if release_from not in ("compute", "arrival"):
@@ -236,7 +235,6 @@ class GuardedRuntime:
         self.requests = 0
         self.overruns = 0
         self.refits = 0
-        self._fitted = (policy, times)  # read once per request: a refit swaps both together
         self._calibrated = clean
         self._adaptive = bool(adapt) and callable(fit) and clean is not None
         self._live: list[deque[float]] = [deque(maxlen=LIVE_SAMPLES) for _ in range(runtime.num_exits)]
@@ -268,9 +266,14 @@ class GuardedRuntime:
         return self._runtime
 
     @property
+    def policy(self) -> DelayPolicy:
+        """The delay policy in force (a refit replaces it, see ``adapt``)."""
+        return self._fitted[0]
+
+    @property
     def clean_times_s(self) -> np.ndarray:
         """Calibrated per-exit clean times in seconds (a copy)."""
-        return self._clean_times_s.copy()
+        return self._fitted[1].copy()
 
     def _infer(self, x: np.ndarray, full_depth: bool) -> tuple[Prediction, int, int]:
         """Prediction, the batch's release offset in ns (the latest per-sample target) and when compute began."""
@@ -327,9 +330,8 @@ class GuardedRuntime:
             clean = CleanTimes.from_samples(shifted, base.counts)
             policy = copy.deepcopy(self._fitted[0])
             policy.fit(clean)  # type: ignore[attr-defined]
-            times = clean.medians()
-            self._fitted = (policy, times)
-            self.policy, self.clean_times, self._clean_times_s = policy, clean, times
+            self._fitted = (policy, clean.medians())
+            self.clean_times = clean
             self.refit_margin_s = margin
             self.refits += 1
             logger.info("GuardedRuntime refitted on %d live samples after overruns (refit %d)",
@@ -375,7 +377,7 @@ class GuardedRuntime:
     def describe(self) -> dict[str, Any]:
         """Policy settings and calibration, for reports and provenance (no secrets)."""
         policy = self.policy.describe() if hasattr(self.policy, "describe") else {"policy": type(self.policy).__name__}
-        out = {**policy, "clean_times_s": self._clean_times_s.tolist(), "calibration": self.calibration_method,
+        out = {**policy, "clean_times_s": self._fitted[1].tolist(), "calibration": self.calibration_method,
                "requests": self.requests, "overruns": self.overruns, "adapt": self._adaptive, "refits": self.refits,
                "refit_margin_s": self.refit_margin_s, "live_samples": [len(d) for d in self._live]}
         if self.clean_times is not None:

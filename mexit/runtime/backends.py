@@ -528,16 +528,16 @@ class OrtGpuBackend:
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> None:
         """The option values refused whatever the machine: provider, fp16 without TensorRT, the cuDNN search
-        mode, max_batch, a device that is no GPU index."""
-        provider = options.get("provider", "cuda")
+        mode, max_batch, a device that is no GPU index (``options``: all of them, as the constructor has them)."""
+        provider = options["provider"]
         if provider not in ("cuda", "tensorrt"):
             raise ConfigError(f"provider must be 'cuda' or 'tensorrt', got {provider!r}")
         if options.get("fp16") and provider != "tensorrt":
             raise ConfigError("fp16 needs provider=tensorrt for backend onnxruntime-gpu (or use backend tensorrt)")
-        search = str(options.get("cudnn_conv_algo_search", "HEURISTIC")).upper()
+        search = str(options["cudnn_conv_algo_search"]).upper()
         if search not in CUDNN_SEARCH:
             raise ConfigError(f"cudnn_conv_algo_search must be one of {', '.join(CUDNN_SEARCH)}, got {search!r}")
-        max_batch = options.get("max_batch", 256)
+        max_batch = options["max_batch"]
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         gpu_index(cls.name, options.get("device"))

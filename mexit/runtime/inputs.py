@@ -65,9 +65,6 @@ def validate_inputs(x: Any, input_shape: tuple[int, ...], kind: str, *, finite: 
     with np.errstate(over="ignore"):  # float64 beyond the float32 range becomes inf: reported just below
         out = np.ascontiguousarray(x, dtype=np.float32)
     if dt.kind == "f" and not np.isfinite(out).all():
-        bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
-        raise InputError(
-            f"expected finite values, got {bad} NaN/inf value(s)"
-            + (" (float64 values beyond the float32 range overflow)" if dt.itemsize > 4 else "")
-        )
+        raise InputError(nonfinite_message(out)
+                         + (" (float64 values beyond the float32 range overflow)" if dt.itemsize > 4 else ""))
     return out

@@ -89,9 +89,10 @@ def register_backend(name: str, *, description: str, extra: str | None = None) -
 
     The class must take ``(bundle, *, threads, device, fp16, **its own keyword-only options)`` and
     implement :class:`mexit.runtime.types.Backend`. It may define a static or class method
-    ``validate_options(options: dict)`` raising :class:`ConfigError` for option values it refuses whatever the
-    bundle and machine (a GPU index on a CPU backend, an unknown provider): :func:`check_options` calls it, so
-    ``mexit serve``, audit configs and :func:`get_backend` refuse them before loading anything.
+    ``validate_options(options: dict)`` (every option, defaults filled in) raising :class:`ConfigError` for
+    option values it refuses whatever the bundle and machine (a GPU index on a CPU backend, an unknown
+    provider): :func:`check_options` calls it, so ``mexit serve``, audit configs and :func:`get_backend` refuse
+    them before loading anything.
     """
 
     def deco(cls: type) -> type:
@@ -171,7 +172,7 @@ def check_options(name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"fp16 must be true or false, got {fp16!r}")
     validate = getattr(spec.cls, "validate_options", None)
     if validate is not None:  # the backend's own rules that need no bundle, packages or device
-        validate(resolved)
+        validate({**spec.defaults, **resolved})
     return resolved
 
 

@@ -93,7 +93,7 @@ class TorchBackend:
             gpu_index(cls.name, device)
         if options.get("cuda_graphs") and on_cpu:
             raise ConfigError("cuda_graphs=True needs a GPU device (device=0)")
-        gmax = options.get("cuda_graph_max_batch", 64)
+        gmax = options["cuda_graph_max_batch"]
         if isinstance(gmax, bool) or not isinstance(gmax, int) or gmax < 1:
             raise ConfigError(f"cuda_graph_max_batch must be an integer >= 1, got {gmax!r}")
 
