@@ -25,13 +25,11 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from runtime_latency import add_test_split_options, held_out  # a sibling script
+from runtime_latency import add_test_split_options, held_out, write_bundle_record  # a sibling script
 
-from mexit._io import atomic_write_json, provenance
 from mexit.runtime import EarlyExitRuntime
 from mexit.runtime.backends import session_options
 
@@ -107,15 +105,7 @@ def main() -> None:
             "batch_graph_minus_chain_per_repeat": [b - a for a, b in zip(ratio["per_stage_chain"],
                                                                          ratio["batch_graph"], strict=True)],
             "same_exits": same_exits, "goal": ">= 0.8"})
-    m = chain.manifest
-    record = {"benchmark": "batch_graph_throughput", "run": str(args.run), "bundle": str(args.bundle),
-              "arch": m.model.arch, "dataset": m.dataset.name, "threshold": chain.threshold, "threads": 1,
-              "repeats": args.repeats, "batches": results,
-              "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()),
-                                      "cpus": os.cpu_count()},
-              "provenance": provenance(seed=args.seed)}
-    out = args.out or Path(__file__).parent / "results" / f"batch_graph_throughput_{m.dataset.name}_{m.model.arch}.json"
-    atomic_write_json(out, record)
+    out = write_bundle_record("batch_graph_throughput", args, chain, results, load_before)
     for r in results:
         print(json.dumps({"batch": r["batch"], "gain_over_predicted": r["gain_over_predicted"],
                           "difference_per_repeat": [round(d, 3) for d in r["batch_graph_minus_chain_per_repeat"]],

@@ -11,6 +11,12 @@ shares, so the server is compute-bound at concurrency 8. The overrun share matte
 a response whose compute (here: including the wait for the lock) overran its target leaves at
 completion and shows its timing, so a defense that keeps throughput by overrunning hides little.
 
+After the loaded rounds, ``after_load`` serves the adaptive padding and optimal guards one request at a time:
+their added latency right after the load (schedule refitted on contended times), once they have relaxed again
+(after ``--relax-seconds`` of one-caller traffic, which relaxes them after every
+:data:`mexit.defense.guarded.RELAX_WINDOWS` quiet windows), and that of a fresh guard of the same defense that never
+saw the load, in the same run.
+
     nice -n 10 python benchmarks/defense_throughput.py --out benchmarks/results/defense_throughput.json
 """
 
@@ -83,6 +89,31 @@ async def _load(predict: Any, inputs: np.ndarray, concurrency: int, seconds: flo
             "p99_latency_ms": 1e3 * float(np.percentile(latencies, 99))}
 
 
+def _schedule(g: GuardedRuntime) -> dict[str, Any]:
+    d = g.describe()
+    return {k: d.get(k) for k in ("release_s", "refits", "relaxes", "refit_margin_s", "live_shift_s", "overruns",
+                                  "requests")}
+
+
+def _after_load(g: GuardedRuntime, fresh_guard: Any, inputs: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """One caller on ``g`` right after the load, then until it relaxes, then again; and on a fresh guard."""
+    fresh = fresh_guard()
+    out: dict[str, Any] = {"fresh": asyncio.run(_load(fresh.predict_async, inputs, 1, args.quiet_seconds)),
+                           "schedule_fresh": _schedule(fresh), "schedule_after_load": _schedule(g)}
+    relaxes = g.relaxes
+    out["right_after"] = asyncio.run(_load(g.predict_async, inputs, 1, args.quiet_seconds))
+    waited, relaxed_at = args.quiet_seconds, []
+    while waited < args.relax_seconds:  # one caller for --relax-seconds in all, noting when each relaxation came
+        asyncio.run(_load(g.predict_async, inputs, 1, 0.5))
+        waited += 0.5
+        relaxed_at += [waited] * (g.relaxes - relaxes - len(relaxed_at))
+    time.sleep(0.2)  # let a refit in its background thread finish
+    out["seconds_to_each_relaxation"] = relaxed_at
+    out["relaxed"] = asyncio.run(_load(g.predict_async, inputs, 1, args.quiet_seconds))
+    out["schedule_relaxed"] = _schedule(g)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/defense_throughput.json"))
@@ -90,6 +121,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median per defense is reported")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet-seconds", type=float, default=1.5, help="each one-caller phase after the load")
+    ap.add_argument("--relax-seconds", type=float, default=10.0, help="one-caller traffic after the load")
     args = ap.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -125,11 +158,15 @@ def main() -> None:
         if name in guarded:
             g = guarded[name]
             r["overrun_share"] = g.overruns / max(g.requests, 1)
+    after_load = {name: _after_load(guarded[name], lambda c=configs[name]: build_guarded(
+        runtime, c, key=key, kind="tabular", clean_times=clean), inputs, args)
+        for name in ("padding", "optimal(epsilon=0.05)")}
     out = {"benchmark": "defense_throughput", "concurrency": args.concurrency, "seconds": args.seconds,
            "rounds": args.rounds, "path": "in-process GuardedRuntime.predict_async under asyncio (not HTTP)",
            "runtime": {"exit_times_s": EXIT_TIMES_S, "shares": SHARES, "serialised": True},
            "goal": "every defense >= 0.9 x undefended requests/s", "results": results,
            "goal_met": all(r["ratio_to_undefended"] >= 0.9 for r in results.values()),
+           "after_load": after_load,
            "overrun_note": "an overrun leaves at completion and shows its timing: a throughput 'win' with most "
                            "requests overrunning hides nothing (see the release-from-arrival row)",
            "note": "machine shared with other jobs; medians of interleaved rounds", "provenance": provenance()}
@@ -138,6 +175,10 @@ def main() -> None:
         print(f"{name:32s} {r['requests_per_s']:8.1f} req/s  x{r['ratio_to_undefended']:.2f}  "
               f"mean {r['mean_latency_ms']:.2f} ms  p99 {r['p99_latency_ms']:.2f} ms  "
               f"overruns {r.get('overrun_share')}")
+    for name, r in after_load.items():
+        print(f"{name:32s} one caller: fresh {r['fresh']['mean_latency_ms']:.2f} ms, right after the load "
+              f"{r['right_after']['mean_latency_ms']:.2f} ms, after {args.relax_seconds:g} s "
+              f"{r['relaxed']['mean_latency_ms']:.2f} ms (relaxed at {r['seconds_to_each_relaxation']} s)")
     print(f"wrote {args.out}")
 
 

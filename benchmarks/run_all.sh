@@ -18,6 +18,7 @@ python benchmarks/runtime_latency.py --run runs/cifar10/e50-n600/resnet56-x6-tar
 python benchmarks/serve_overhead.py --bundle bundles/location/fcn18-1-x6-target-t0.9 --out $R/serve_overhead.json
 python benchmarks/serve_load.py --bundle bundles/location/fcn18-1-x6-target-t0.9 --out $R/serve_load.json
 python benchmarks/defense_timeguard.py --out $R/defense_timeguard.json
+python benchmarks/defense_throughput.py --seconds 3 --rounds 3 --out $R/defense_throughput.json
 python benchmarks/stealing_accuracy.py --bundle bundles/location/fcn18-1-x6-target-t0.9 \
   --run runs/location/fcn18-1-x6-target --out $R/stealing_accuracy_location.json
 # Adversary 2 against plain and jittery stacks (bundles of docs/results.md, "Adversary 2 against real serving
@@ -68,3 +69,8 @@ python benchmarks/batch_graph_throughput.py --run runs/audit-location/train-targ
   --bundle runs/audit-location/export-target-*/bundle --repeats 21
 python benchmarks/batch_graph_throughput.py --run runs/cifar10/e50-n600/resnet56-x6-target \
   --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 --repeats 7
+# The chain's bookkeeping after the last stage against between stages (session 8's loop), paired in one run
+python benchmarks/chain_bookkeeping.py --run runs/audit-location/train-target-*/run \
+  --bundle runs/audit-location/export-target-*/bundle --repeats 31
+python benchmarks/chain_bookkeeping.py --run runs/cifar10/e50-n600/resnet56-x6-target \
+  --bundle bundles/cifar10/e50-n600/resnet56-x6-target-tpaper --threshold 0.9 --repeats 15

@@ -435,6 +435,22 @@ def add_test_split_options(parser: argparse.ArgumentParser, *, samples: int, rep
     parser.add_argument("--out", type=Path)
 
 
+def write_bundle_record(benchmark: str, args: argparse.Namespace, rt: Any, results: list[dict[str, Any]],
+                        load_before: tuple[float, float, float]) -> Path:
+    """Write a bundle benchmark's JSON (the run, bundle, model, threshold, results, machine load and provenance) to
+    ``--out`` or ``results/{benchmark}_{dataset}_{arch}.json``; returns the path."""
+    m = rt.manifest
+    record = {"benchmark": benchmark, "run": str(args.run), "bundle": str(args.bundle), "arch": m.model.arch,
+              "dataset": m.dataset.name, "threshold": rt.threshold, "threads": 1, "repeats": args.repeats,
+              "batches": results,
+              "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()),
+                                      "cpus": os.cpu_count()},
+              "provenance": provenance(seed=args.seed)}
+    out = args.out or Path(__file__).parent / "results" / f"{benchmark}_{m.dataset.name}_{m.model.arch}.json"
+    atomic_write_json(out, record)
+    return out
+
+
 def held_out(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """The first ``--samples`` inputs of the run's target test split and their labels (torch only to read the run)."""
     from mexit.train.runner import load_run

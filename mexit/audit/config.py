@@ -14,7 +14,7 @@ sections mirror the pipeline::
     [attacks]     names (registry names), adversaries ([1, 2, 3]), stealer, bootstrap, label_only options,
                   reference_models (LiRA/RMIA; 0 = the shadow as the one OUT reference), reference_workers
     [queries]     members, nonmembers, repeats, warmup, query_budget (adaptive querying of the target)
-    [timeguard]   sigma_grid_ms, oracle_tolerance, gain_tolerance, key_file, confirm_live
+    [timeguard]   sigma_grid_ms, oracle_tolerance, gain_tolerance, key_file, confirm_live, live_adapt
     [[defenses]]  name (a registered defense: padding, optimal, timeguard, …), params — each evaluated offline
 
 Every model forbids unknown keys and checks ranges; cross-field rules (an architecture that cannot take
@@ -284,8 +284,9 @@ class TimeGuardSection(_Section):
     (:func:`mexit.audit.defense_eval.evaluate_defenses`). Recommended: the cheapest defense whose oracle stealer
     and Bayes bound are within ``oracle_tolerance`` of 1/K (balanced accuracy over the exits in use) and whose
     hybrid membership gain is at most ``gain_tolerance`` AUC with a paired interval reaching 0; it is then
-    served for real and measured again (``confirm_live``). ``key_file``: the deployment's secret key
-    (``mexit keygen``); absent, one is generated in the run directory.
+    served for real and measured again (``confirm_live``), refitting on the times it meets live unless
+    ``live_adapt`` is false (``mexit serve --no-adapt``; :class:`~mexit.defense.guarded.GuardedRuntime`).
+    ``key_file``: the deployment's secret key (``mexit keygen``); absent, one is generated in the run directory.
     """
 
     sigma_grid_ms: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 5.0, 10.0, 20.0])
@@ -293,6 +294,7 @@ class TimeGuardSection(_Section):
     gain_tolerance: float = Field(0.01, ge=0, le=1)
     key_file: Path | None = None
     confirm_live: bool = True
+    live_adapt: bool = True
 
     @field_validator("sigma_grid_ms")
     @classmethod

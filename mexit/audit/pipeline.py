@@ -568,7 +568,8 @@ def _live_stage(a: _Audit, dres: StageResult, ctx: dict[str, Any], export: Stage
     config = parse_defense(rec["defense"], rec["params"])
     deps = {"defenses": dres.key, "export": export.key, "target": target.key, "mode": cfg.deployment.mode,
             "expose": cfg.deployment.expose, "threads": cfg.deployment.threads, **_backend_deps(cfg),
-            "defense": config.to_json(), "reference": "fresh-undefended"}
+            "defense": config.to_json(), "reference": "fresh-undefended",
+            **({} if cfg.timeguard.live_adapt else {"adapt": False})}
 
     def fn(path: Path) -> dict[str, Any]:
         _set_threads(a)
@@ -588,7 +589,8 @@ def _live_stage(a: _Audit, dres: StageResult, ctx: dict[str, Any], export: Stage
                           backend=cfg.deployment.backend, backend_opts=cfg.deployment.backend_options,
                           defense=config.name if guarded else None,
                           defense_params=config.params if guarded else None,
-                          key_file=a.target_key_file() if guarded else None) as served:
+                          key_file=a.target_key_file() if guarded else None,
+                          adapt=cfg.timeguard.live_adapt) as served:
                 sig = collect_signals(NamedClient(served, f"target-{role}"), x, base.true_label, base.member,
                                       repeats=cfg.queries.repeats, warmup=cfg.queries.warmup, seed=cfg.seed,
                                       sample_index=base.sample_index, true_exit_runtime=owner,

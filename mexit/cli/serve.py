@@ -69,6 +69,10 @@ def resolve_defense(defense: str | None, params: tuple[str, ...], timeguard_sigm
 @click.option("--timeguard-sigma", type=float, default=None, metavar="MS",
               help="Alias of --defense timeguard --param sigma_ms=MS.")
 @click.option("--pad-to-final", is_flag=True, help="Alias of --defense padding.")
+@click.option("--adapt/--no-adapt", default=True, show_default=True,
+              help="With a fitted defense (padding, optimal): refit its schedule on the compute times met live when "
+                   "answers overrun it, and relax it again once overruns stay rare. --no-adapt keeps the start-up "
+                   "calibration for the life of the server.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="warning", show_default=True, help="Server log level.")
 @click.option("--factory", default=None, hidden=True, help="module:callable returning a Runtime (tests).")
@@ -85,7 +89,7 @@ def command(bundle: Path | None, host: str, port: int, model_name: str | None, e
             backend: str, threads: int, device: int | None, fp16: bool, backend_opts: tuple[str, ...],
             max_body_mb: float, max_batch: int,
             defense: str | None, params: tuple[str, ...], key_file: Path | None, timeguard_sigma: float | None,
-            pad_to_final: bool, log_level: str, factory: str | None, factory_kwargs: str | None,
+            pad_to_final: bool, adapt: bool, log_level: str, factory: str | None, factory_kwargs: str | None,
             info_file: Path | None, exit_with_parent: bool, predict: str, predict_inline: bool) -> None:
     """Serve BUNDLE over the Open Inference Protocol until Ctrl-C."""
     from mexit._io import atomic_write_json
@@ -112,11 +116,11 @@ def command(bundle: Path | None, host: str, port: int, model_name: str | None, e
             from dataclasses import replace
 
             served = replace(served, runtime=guard_runtime(served.runtime, name_of_defense, defense_params,
-                                                           key_file=key_file, kind="tabular"))
+                                                           key_file=key_file, kind="tabular", adapt=adapt))
     else:
         served = build_served_runtime(bundle, backend=backend, threads=threads, device=device, fp16=fp16,
                                       backend_opts=own_opts, defense=name_of_defense, defense_params=defense_params,
-                                      key_file=key_file)
+                                      key_file=key_file, adapt=adapt)
     name = model_name or served.model_name
     shown = "none" if name_of_defense is None else f"{name_of_defense} {defense_params or ''}".strip()
 

@@ -61,6 +61,30 @@ REFIT_OVERRUNS = 2
 # chasing them tripled the added latency (+3.8-5.0 ms against +2.4-2.5 ms) for little (oracle 0.19-0.21).
 MARGIN_MIN_REQUESTS = 200
 MARGIN_OVERRUN_RATE = 0.01
+# Relaxing: a load spike grows the margin and the live shift; a relaxation undoes it once the spike is over. After
+# the first refit requests are also counted in windows of MARGIN_MIN_REQUESTS (or WINDOW_MAX_NS once they hold
+# REFIT_MIN_REQUESTS, so that a schedule a spike made slow is not also slow to relax). A relaxation takes three
+# things: RELAX_WINDOWS windows in a row with at most RELAX_WINDOW_OVERRUNS overruns each; fewer requests in flight
+# in each of them (on average, as the requests were counted) than RELAX_LOAD_FRACTION of those since the refit
+# before the last growing one; and, on the live times of those windows, the slowest exit's shift fallen by
+# RELAX_DROP_FRACTION of itself (and by RELAX_MIN_CHANGE_S). The guard then refits with that shift and the margin
+# times MARGIN_RELAX_FACTOR (none below MARGIN_FLOOR_S), so a spike's cost does not stay for the life of the server
+# (benchmarks/defense_throughput.py, after_load). Quiet windows and lower live times alone are not enough: under a
+# closed-loop load the defense's own delay lowers the contention it measures, and relaxing on them alternated with
+# growing while the load went on (measured: 11-15 % of requests overran instead of 1.5-1.9 %); the requests in
+# flight do not fall while the load lasts. A slowdown that does not come with more requests in flight (a noisy
+# neighbour) therefore keeps its schedule. An exit with fewer than MIN_LIVE_PER_EXIT quiet times takes the largest
+# shift of the others, no more than its own (contention slows every exit alike). After a relaxation, refits measure
+# the shift on the live times since it only: on the whole window, the next refit brought the passed load's shift
+# straight back.
+WINDOW_MAX_NS = 2_000_000_000
+RELAX_WINDOWS = 2
+RELAX_WINDOW_OVERRUNS = 1
+MARGIN_RELAX_FACTOR = 0.25
+MARGIN_FLOOR_S = 20e-6
+RELAX_MIN_CHANGE_S = 20e-6
+RELAX_DROP_FRACTION = 0.5
+RELAX_LOAD_FRACTION = 0.5
 LIVE_SAMPLES = 2000
 MIN_LIVE_PER_EXIT = 10
 
@@ -193,9 +217,10 @@ class GuardedRuntime:
     batch-1 request's compute and keyed target took per exit, and when the schedule overruns (see
     ``REFIT_*``) it refits a copy of the policy on the calibration samples shifted by each exit's live excess
     (at ``LIVE_QUANTILE``), in a background thread, and swaps it in; while overruns stay above
-    ``MARGIN_OVERRUN_RATE`` a common margin grows at each further refit. The schedule is refitted as a whole, never
-    per request, so it stays a function of the calibration; the refit only keeps the slowest exit's answers from
-    arriving after the schedule's last release.
+    ``MARGIN_OVERRUN_RATE`` a common margin grows at each further refit, and once overruns have stayed rare for a
+    while (``RELAX_*``) it refits again with half the margin and the live shift of now, so a load spike's cost
+    goes away with the spike. The schedule is refitted as a whole, never per request, so it stays a function of the
+    calibration; the refit only keeps the slowest exit's answers from arriving after the schedule's last release.
     """
 
     def __init__(self, runtime: Runtime, policy: DelayPolicy, *, calibration_inputs: np.ndarray | None = None,
@@ -242,8 +267,22 @@ class GuardedRuntime:
         self._refitting = False
         self._since_refit = 0
         self._overruns_since_refit = 0
+        self._in_flight_since_refit = 0  # the sum of _in_flight as each request since the last refit was counted
+        self._window_requests = 0  # in the current window (see RELAX_*)
+        self._window_overruns = 0
+        self._quiet_windows = 0
+        self._in_flight = 0  # requests between entering predict and their release
+        self._window_start = time.perf_counter_ns()
+        self._window_in_flight = 0  # the sum of _in_flight as each request of the window was counted
+        self._recent_in_flight: deque[float] = deque(maxlen=RELAX_WINDOWS)  # its mean in the last windows
+        self._grown_in_flight = 0.0  # the mean in flight in the window that last grew the schedule
+        self._window_exits = [0] * runtime.num_exits  # live samples per exit in the current window
+        self._relax_exits: list[int] | None = None  # live samples per exit since the last relaxation, if any
+        self._recent_exits: deque[list[int]] = deque(maxlen=RELAX_WINDOWS)  # the same for the last windows
         self._excess: list[float] = []  # seconds by which overruns since the last refit missed their release
         self.refit_margin_s = 0.0
+        self.relaxes = 0
+        self._shifts_s = np.zeros(runtime.num_exits)  # each exit's live shift in the schedule in force
         logger.info("GuardedRuntime clean times per exit (ms, %s): %s", method,
                     np.array2string(times * 1e3, precision=3))
 
@@ -284,7 +323,11 @@ class GuardedRuntime:
         policy, clean_s = self._fitted
         targets = policy.target_latency_s(np.asarray(x), pred.exit_index, clean_s)
         if self._adaptive and len(pred) == 1 and not full_depth:
-            self._live[int(pred.exit_index[0])].append((time.perf_counter_ns() - start) / _NS)
+            k = int(pred.exit_index[0])
+            self._live[k].append((time.perf_counter_ns() - start) / _NS)
+            self._window_exits[k] += 1
+            if self._relax_exits is not None:
+                self._relax_exits[k] += 1
         return pred, round(float(np.max(targets)) * _NS), start
 
     def _release_ns(self, arrival: int, start: int, offset: int) -> int:
@@ -302,45 +345,112 @@ class GuardedRuntime:
         with self._refit_lock:
             self._since_refit += 1
             self._overruns_since_refit += over
+            self._in_flight_since_refit += self._in_flight
+            self._window_requests += 1
+            self._window_overruns += over
+            self._window_in_flight += self._in_flight
             if over and len(self._excess) < LIVE_SAMPLES:
                 self._excess.append(late / _NS)
-            needed = ((REFIT_OVERRUNS, REFIT_MIN_REQUESTS) if self.refits == 0 else
-                      (max(REFIT_OVERRUNS, MARGIN_OVERRUN_RATE * self._since_refit), MARGIN_MIN_REQUESTS))
-            if self._refitting or self._overruns_since_refit < needed[0] or self._since_refit < needed[1]:
+            if self._refitting:
                 return
+            # grow: as soon as the schedule in force has overrun a few times (the first refit), later while
+            # overruns since the last refit stay above MARGIN_OVERRUN_RATE
+            n, overran = self._since_refit, self._overruns_since_refit
+            needed = ((REFIT_OVERRUNS, REFIT_MIN_REQUESTS) if self.refits == 0 else
+                      (max(REFIT_OVERRUNS, MARGIN_OVERRUN_RATE * n), MARGIN_MIN_REQUESTS))
+            relax = False
+            if overran >= needed[0] and n >= needed[1]:
+                self._grown_in_flight = self._in_flight_since_refit / n
+            elif not self._window_ended():
+                return
+            else:  # relax: see RELAX_*
+                if (self._quiet_windows < RELAX_WINDOWS or not self._shifts_s.any()
+                        or max(self._recent_in_flight) > RELAX_LOAD_FRACTION * self._grown_in_flight):
+                    return
+                relax = True
+            self._quiet_windows = 0
+            self._since_refit = self._overruns_since_refit = self._in_flight_since_refit = 0
+            self._window_start, self._window_requests, self._window_overruns = time.perf_counter_ns(), 0, 0
+            self._window_in_flight, self._window_exits = 0, [0] * len(self._window_exits)
             self._refitting = True
-            self._since_refit = self._overruns_since_refit = 0
+            # a relaxation measures the quiet windows' live times; a refit after one, those since it: a load that
+            # has passed must not come back through the next refit's shift
+            fresh = np.sum(list(self._recent_exits), axis=0) if relax else self._relax_exits
             live = [np.fromiter(d, dtype=np.float64) for d in self._live]
+            if fresh is not None:
+                live = [v[max(0, len(v) - int(m)):] for v, m in zip(live, fresh, strict=True)]
             excess, self._excess = self._excess, []
-        threading.Thread(target=self._refit, args=(live, excess), name="mexit-guard-refit", daemon=True).start()
+        threading.Thread(target=self._refit, args=(live, excess, relax), name="mexit-guard-refit", daemon=True).start()
 
-    def _refit(self, live: list[np.ndarray], excess: list[float]) -> None:
+    def _refit(self, live: list[np.ndarray], excess: list[float], relax: bool = False) -> None:
         """Fit a copy of the policy on the calibration samples, each exit's shifted by how much slower its
-        ``live`` times are at ``LIVE_QUANTILE``, plus the common margin grown by the median ``excess`` of the
-        overruns since the last refit, and swap it in."""
+        ``live`` times are at ``LIVE_QUANTILE``, plus the common margin — grown by the median ``excess`` of the
+        overruns since the last refit, or shrunk (``relax``) after quiet windows — and swap it in."""
         try:
             base = self._calibrated
             assert base is not None
-            margin = self.refit_margin_s + (float(np.median(excess)) if self.refits and excess else 0.0)
-            shifted = []
-            for k, cal in enumerate(base.samples):
-                shift = (float(np.quantile(live[k], LIVE_QUANTILE) - np.quantile(cal, LIVE_QUANTILE))
-                         if cal.size and live[k].size >= MIN_LIVE_PER_EXIT else 0.0)
-                shifted.append(cal + max(0.0, shift) + margin)
-            clean = CleanTimes.from_samples(shifted, base.counts)
+            if relax:
+                margin = self.refit_margin_s * MARGIN_RELAX_FACTOR
+                margin = margin if margin >= MARGIN_FLOOR_S else 0.0
+            else:
+                margin = self.refit_margin_s + (float(np.median(excess)) if self.refits and excess else 0.0)
+            enough = np.array([cal.size > 0 and live[k].size >= MIN_LIVE_PER_EXIT
+                               for k, cal in enumerate(base.samples)])
+            shifts = np.array([max(0.0, float(np.quantile(live[k], LIVE_QUANTILE) - np.quantile(cal, LIVE_QUANTILE)))
+                               if enough[k] else 0.0 for k, cal in enumerate(base.samples)])
+            if relax:  # only once the live slowdown itself has fallen: a load that goes on keeps its schedule
+                if not enough.any():
+                    return
+                # an exit with too few quiet times takes the largest shift of the others, no more than its own
+                # (contention slows every exit alike). Not when growing: raising rare exits to the largest shift
+                # made the optimal schedule overrun more, at 0.27-0.45 of undefended throughput instead of 0.53-0.76.
+                shifts = np.where(enough, shifts, np.minimum(self._shifts_s, shifts[enough].max()))
+                before = float(self._shifts_s.max())
+                if before - float(shifts.max()) < max(RELAX_MIN_CHANGE_S, RELAX_DROP_FRACTION * before):
+                    return
+            clean = CleanTimes.from_samples([cal + shift + margin for cal, shift in zip(base.samples, shifts,
+                                                                                         strict=True)], base.counts)
             policy = copy.deepcopy(self._fitted[0])
             policy.fit(clean)  # type: ignore[attr-defined]
             self._fitted = (policy, clean.medians())
             self.clean_times = clean
             self.refit_margin_s = margin
+            self._shifts_s = shifts
             self.refits += 1
-            logger.info("GuardedRuntime refitted on %d live samples after overruns (refit %d)",
-                        sum(len(v) for v in live), self.refits)
+            self.relaxes += relax
+            if relax:
+                self._relax_exits = [0] * len(base.samples)
+            logger.info("GuardedRuntime %s on %d live samples (refit %d, margin %.3f ms)",
+                        "relaxed its schedule after quiet windows" if relax else "refitted after overruns",
+                        sum(len(v) for v in live), self.refits, margin * 1e3)
         except Exception:  # a refit is an improvement, never a reason to stop serving
             logger.exception("GuardedRuntime could not refit its policy; keeping the current one")
         finally:
             with self._refit_lock:
                 self._refitting = False
+
+    def _window_ended(self) -> bool:
+        """Close the current window if it is over (MARGIN_MIN_REQUESTS requests, or WINDOW_MAX_NS with at least
+        REFIT_MIN_REQUESTS) and record it for a relaxation (after the first refit only); whether it ended."""
+        n, now = self._window_requests, time.perf_counter_ns()
+        if self.refits == 0 or (n < MARGIN_MIN_REQUESTS and (n < REFIT_MIN_REQUESTS
+                                                             or now - self._window_start < WINDOW_MAX_NS)):
+            return False
+        quiet = self._window_overruns <= RELAX_WINDOW_OVERRUNS
+        self._quiet_windows = self._quiet_windows + 1 if quiet else 0
+        self._recent_exits.append(self._window_exits)
+        self._recent_in_flight.append(self._window_in_flight / n)
+        self._window_exits = [0] * len(self._window_exits)
+        self._window_start, self._window_requests, self._window_overruns, self._window_in_flight = now, 0, 0, 0
+        return True
+
+    def _enter(self) -> None:
+        with self._refit_lock:
+            self._in_flight += 1
+
+    def _leave(self) -> None:
+        with self._refit_lock:
+            self._in_flight -= 1
 
     @staticmethod
     def _released(pred: Prediction, arrival_ns: int) -> Prediction:
@@ -352,12 +462,16 @@ class GuardedRuntime:
         """Predict, then block until the policy's release time. ``arrival_ns`` (``perf_counter_ns``)
         lets a server count from when the request arrived; default: when this call started."""
         arrival = time.perf_counter_ns() if arrival_ns is None else int(arrival_ns)
-        pred, offset, start = self._infer(x, full_depth)
-        release = self._release_ns(arrival, start, offset)
-        self._count(release)
-        while (remaining := release - time.perf_counter_ns()) > SPIN_NS:
-            time.sleep((remaining - SPIN_NS) / _NS)
-        _spin_until(release)
+        self._enter()
+        try:
+            pred, offset, start = self._infer(x, full_depth)
+            release = self._release_ns(arrival, start, offset)
+            self._count(release)
+            while (remaining := release - time.perf_counter_ns()) > SPIN_NS:
+                time.sleep((remaining - SPIN_NS) / _NS)
+            _spin_until(release)
+        finally:
+            self._leave()
         return self._released(pred, arrival)
 
     async def predict_async(self, x: np.ndarray, *, full_depth: bool = False,
@@ -365,13 +479,17 @@ class GuardedRuntime:
         """Like :meth:`predict`, for servers: inference runs in a worker thread and the wait is an
         ``asyncio.sleep``, so other requests proceed while this one is held back."""
         arrival = time.perf_counter_ns() if arrival_ns is None else int(arrival_ns)
-        pred, offset, start = await asyncio.to_thread(self._infer, x, full_depth)
-        release = self._release_ns(arrival, start, offset)
-        self._count(release)
-        while (remaining := release - time.perf_counter_ns()) > 2 * SPIN_NS:
-            await asyncio.sleep((remaining - 2 * SPIN_NS) / _NS)
-        if release > time.perf_counter_ns():  # the last stretch in a worker thread, not blocking the loop
-            await asyncio.to_thread(_spin_until, release)
+        self._enter()
+        try:
+            pred, offset, start = await asyncio.to_thread(self._infer, x, full_depth)
+            release = self._release_ns(arrival, start, offset)
+            self._count(release)
+            while (remaining := release - time.perf_counter_ns()) > 2 * SPIN_NS:
+                await asyncio.sleep((remaining - 2 * SPIN_NS) / _NS)
+            if release > time.perf_counter_ns():  # the last stretch in a worker thread, not blocking the loop
+                await asyncio.to_thread(_spin_until, release)
+        finally:
+            self._leave()
         return self._released(pred, arrival)
 
     def describe(self) -> dict[str, Any]:
@@ -379,7 +497,8 @@ class GuardedRuntime:
         policy = self.policy.describe() if hasattr(self.policy, "describe") else {"policy": type(self.policy).__name__}
         out = {**policy, "clean_times_s": self._fitted[1].tolist(), "calibration": self.calibration_method,
                "requests": self.requests, "overruns": self.overruns, "adapt": self._adaptive, "refits": self.refits,
-               "refit_margin_s": self.refit_margin_s, "live_samples": [len(d) for d in self._live]}
+               "relaxes": self.relaxes, "refit_margin_s": self.refit_margin_s,
+               "live_shift_s": self._shifts_s.tolist(), "live_samples": [len(d) for d in self._live]}
         if self.clean_times is not None:
             out["clean_time_quantiles"] = self.clean_times.describe()
         return out

@@ -114,17 +114,19 @@ def deployed(
     defense: str | None = None,
     defense_params: Mapping[str, Any] | None = None,
     key_file: str | Path | None = None,
+    adapt: bool = True,
 ) -> Iterator[Any]:
     """A client of ``bundle`` deployed in ``mode`` ("server" or "in-process"); always torn down on exit.
 
     ``backend_opts``: the backend's own options (``mexit serve --backend-opt KEY=VALUE`` for a server).
-    ``defense``: a registered defense name (:func:`mexit.defense.defense_names`) with its ``defense_params``.
+    ``defense``: a registered defense name (:func:`mexit.defense.defense_names`) with its ``defense_params``;
+    ``adapt``: whether a fitted defense refits on live times (:class:`~mexit.defense.guarded.GuardedRuntime`).
     """
     if mode == "server":
         check_port_free(port)
         server = ServerProcess(bundle, port=port, expose=expose, expose_exit=expose_exit, threads=threads,
                                backend=backend, backend_opts=backend_opts, defense=defense,
-                               defense_params=defense_params, key_file=key_file)
+                               defense_params=defense_params, key_file=key_file, adapt=adapt)
         with server:
             log.info("serving %s at %s (pid %d)", Path(bundle).name, server.url, server.pid)
             client = OIPClient(server.url, server.model_name, timeout_s=30.0)
@@ -138,7 +140,7 @@ def deployed(
     from mexit.serve.factory import build_served_runtime
 
     served = build_served_runtime(bundle, backend=backend, threads=threads, backend_opts=backend_opts,
-                                  defense=defense, defense_params=defense_params, key_file=key_file)
+                                  defense=defense, defense_params=defense_params, key_file=key_file, adapt=adapt)
     client = LocalClient(served.runtime, model_name=served.model_name, expose=expose,  # type: ignore[arg-type]
                          expose_exit=expose_exit)
     try:

@@ -42,6 +42,7 @@ def build_served_runtime(
     defense: str | None = None,
     defense_params: Mapping[str, Any] | None = None,
     key_file: str | os.PathLike[str] | None = None,
+    adapt: bool = True,
 ) -> ServedRuntime:
     """Load the bundle into an :class:`~mexit.runtime.EarlyExitRuntime`, guarded when a defense is asked for.
 
@@ -49,7 +50,8 @@ def build_served_runtime(
     registry; ``defense`` names a
     registered defense (:func:`mexit.defense.defense_names`) with its ``defense_params`` (validated there; a
     defense that cannot be built raises, the server never starts unguarded). Guarding calibrates the
-    per-exit clean times at start-up, which takes a moment.
+    per-exit clean times at start-up, which takes a moment; ``adapt`` lets a fitted defense refit on live times
+    (:class:`~mexit.defense.guarded.GuardedRuntime`).
     """
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
@@ -65,7 +67,7 @@ def build_served_runtime(
     model_name = _default_model_name(manifest, bundle)
     metadata = _metadata_from_manifest(manifest)
     if defense is not None:
-        runtime = guard_runtime(runtime, defense, defense_params, key_file=key_file,
+        runtime = guard_runtime(runtime, defense, defense_params, key_file=key_file, adapt=adapt,
                                 kind=str(_get(manifest, ("dataset", "kind"), ("kind",)) or "tabular"))
     elif key_file is not None:
         logger.warning("--key-file is ignored without a defense")
@@ -73,14 +75,15 @@ def build_served_runtime(
 
 
 def guard_runtime(runtime: Runtime, defense: str, params: Mapping[str, Any] | None, *,
-                  key_file: str | os.PathLike[str] | None, kind: str) -> Runtime:
-    """``runtime`` wrapped by the registered ``defense`` (validated ``params``; key from file or environment)."""
+                  key_file: str | os.PathLike[str] | None, kind: str, adapt: bool = True) -> Runtime:
+    """``runtime`` wrapped by the registered ``defense`` (validated ``params``; key from file or environment;
+    ``adapt``: see :class:`~mexit.defense.guarded.GuardedRuntime`)."""
     from mexit.defense.keys import load_key
     from mexit.defense.registry import build_guarded, get_spec, parse_defense
 
     config = parse_defense(defense, dict(params or {}))
     key = load_key(key_file) if get_spec(defense).needs_key else None
-    return build_guarded(runtime, config, key=key, kind=kind)
+    return build_guarded(runtime, config, key=key, kind=kind, adapt=adapt)
 
 
 def max_body_bytes(mb: float) -> int:

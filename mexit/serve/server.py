@@ -181,6 +181,7 @@ class ServerProcess:
         defense: str | None = None,
         defense_params: Mapping[str, Any] | None = None,
         key_file: str | os.PathLike[str] | None = None,
+        adapt: bool = True,
         log_level: str = "warning",
         startup_timeout_s: float = 60.0,
         extra_args: Sequence[str] = (),
@@ -207,6 +208,8 @@ class ServerProcess:
             args += ["--param", f"{key}={value}"]
         if expose_exit:
             args.append("--expose-exit")
+        if not adapt:
+            args.append("--no-adapt")
         self.args = [*args, *extra_args]
         self.startup_timeout_s = startup_timeout_s
         self.env = env

@@ -124,6 +124,8 @@ def test_overrides_parse_toml_literals_and_bare_strings():
     assert cfg.deployment.mode == "in-process"
     assert cfg.target.epochs == 3 and cfg.target.limit == 100
     assert cfg.timeguard.sigma_grid_ms == [0.5, 2.0]  # sorted
+    assert cfg.timeguard.live_adapt is True
+    assert default_config(["timeguard.live_adapt=false"]).timeguard.live_adapt is False
 
 
 @pytest.mark.parametrize("bad", ["target.epochs", "=3", "target..epochs=3"])

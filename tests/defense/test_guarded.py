@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import numpy as np
@@ -204,6 +205,55 @@ def test_a_fitted_policy_refits_on_live_times_after_overruns(adapt: bool) -> Non
         assert described["live_samples"][0] > 0 and described["live_samples"][2] > 0
     else:
         assert guarded.refits == 0 and last >= 15 and described["live_samples"] == [0, 0, 0]
+
+
+class SerialRuntime(FakeRuntime):
+    """One call at a time (a lock around the fake's sleep), as a saturated CPU serves them: concurrent callers
+    queue, so their compute times grow with the load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def _run(self, x: np.ndarray, exits: np.ndarray) -> Prediction:
+        with self._lock:
+            return super()._run(x, exits)
+
+
+def _callers(guarded: GuardedRuntime, x: np.ndarray, n: int, concurrency: int) -> None:
+    """``n`` batch-1 requests from ``concurrency`` concurrent callers (``predict_async``, as the server makes them)."""
+
+    async def caller(c: int) -> None:
+        for i in range(c, n, concurrency):
+            await guarded.predict_async(x[i % len(x)][None])
+
+    async def main() -> None:
+        await asyncio.gather(*(caller(c) for c in range(concurrency)))
+
+    asyncio.run(main())
+
+
+def test_the_refit_relaxes_after_a_load_spike(monkeypatch) -> None:
+    """Four concurrent callers queue for the compute: padding's release moves up past the queueing; once they are
+    gone (one caller, fewer requests in flight) and overruns stay rare, the guard refits on the live times of now
+    and the release comes back down. While the load lasts it does not relax."""
+    import mexit.defense.guarded as guarded_module
+
+    for name, value in (("REFIT_MIN_REQUESTS", 20), ("MARGIN_MIN_REQUESTS", 30), ("RELAX_WINDOWS", 2)):
+        monkeypatch.setattr(guarded_module, name, value)
+    guarded = GuardedRuntime(SerialRuntime(), QuantilePadding(0.99), calibration_inputs=inputs_for_exits([0, 1, 2]),
+                             repeats=5)
+    release_before = guarded.policy.release_s
+    x = inputs_for_exits([0, 2])
+    _callers(guarded, x, 150, concurrency=4)
+    _settled(guarded, 1)
+    spike, described = guarded.policy.release_s, guarded.describe()
+    assert spike > release_before + 0.002 and described["relaxes"] == 0, described
+    _callers(guarded, x, 120, concurrency=1)
+    _settled(guarded, guarded.refits)
+    described = guarded.describe()
+    assert described["relaxes"] >= 1, described
+    assert guarded.policy.release_s < spike - 0.002, (guarded.policy.release_s, spike, described)
 
 
 def test_timeguard_never_refits() -> None:

@@ -299,6 +299,30 @@ def test_batches_above_backend_max_batch_are_split(conv_bundle, batch, mixed_tau
     np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
 
 
+class _ReusedOutputs(_Chunked):
+    """A backend returning its logits in one buffer it overwrites on every call, as device backends may do."""
+
+    def __init__(self, inner: OrtCpuBackend) -> None:
+        super().__init__(inner, max_batch=None)
+        self.buffer: np.ndarray | None = None
+
+    def run_stage(self, k, inputs):
+        features, logits = super().run_stage(k, inputs)
+        if self.buffer is None or self.buffer.shape[1] != logits.shape[1]:
+            self.buffer = np.empty((len(inputs) * 4, logits.shape[1]), dtype=np.float32)
+        view = self.buffer[: len(logits)]
+        view[...] = logits
+        return features, view
+
+
+def test_stage_outputs_a_later_stage_overwrites_do_not_leak_into_results(conv_bundle, batch, per_exit, mixed_tau):
+    # the chain writes its results after the last stage: what it keeps until then must be its own
+    backend = _ReusedOutputs(get_backend("onnxruntime", conv_bundle))
+    got = EarlyExitRuntime(conv_bundle, backend=backend, threshold=mixed_tau).predict(batch)
+    assert len(set(backend.sizes)) > 1, "the batch should be compacted between stages"
+    np.testing.assert_allclose(got.probs, np.stack(per_exit)[got.exit_index, np.arange(len(batch))], atol=1e-6)
+
+
 def test_warmup_and_context_manager(conv_bundle):
     with EarlyExitRuntime(conv_bundle) as rt:
         rt.warmup(2)

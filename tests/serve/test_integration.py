@@ -158,6 +158,18 @@ def test_deployed_applies_a_registered_defense(mlp_bundle: Path, tmp_path: Path,
         assert time.perf_counter() - start >= 0.005  # released no earlier than the 5 ms margin
 
 
+@pytest.mark.parametrize("adapt", [True, False])
+def test_adapt_reaches_the_guard_in_process_and_the_server_child(mlp_bundle: Path, adapt: bool) -> None:
+    """``adapt=False`` (``mexit serve --no-adapt``) keeps a fitted defense on its start-up calibration."""
+    from mexit.serve import deployed
+
+    with deployed(mlp_bundle, mode="in-process", defense="padding", defense_params={"quantile": 1.0},
+                  adapt=adapt) as client:
+        assert client.runtime.describe()["adapt"] is adapt
+    args = ServerProcess(mlp_bundle, defense="padding", adapt=adapt).args
+    assert ("--no-adapt" in args) is (not adapt)
+
+
 def test_backend_options_reach_the_in_process_and_the_owner_runtime(mlp_bundle: Path) -> None:
     from mexit.serve import deployed
     from mexit.serve.deploy import owner_runtime

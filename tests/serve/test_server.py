@@ -126,7 +126,7 @@ def test_cli_command_help_and_missing_bundle(tmp_path: Path) -> None:
     assert helped.exit_code == 0
     for option in ("--host", "--port", "--model-name", "--expose", "--expose-exit", "--backend", "--threads",
                    "--device", "--fp16", "--max-body-mb", "--defense", "--param", "--timeguard-sigma", "--key-file",
-                   "--pad-to-final"):
+                   "--pad-to-final", "--adapt / --no-adapt"):
         assert option in helped.output
     from mexit.defense.registry import defense_names
     from mexit.runtime.registry import backend_names
