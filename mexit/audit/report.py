@@ -207,13 +207,15 @@ def summary_table(results: dict[str, Any]) -> str:
     block = results.get("defenses")
     if block:
         out.append("")
-        out.append(f"{'defense':<34}{'oracle':>8}{'Bayes':>8}{'gain AUC':>10}{'+ms mean':>10}{'+ms p99':>9}")
         rec = (block.get("recommended") or {}).get("label")
-        for row in block["rows"]:
-            label = row["label"] + (" *" if row["label"] == rec else "")
-            gain = (row.get("hybrid_gain") or {}).get("difference")
-            out.append(f"{label:<34}{_fmt(row.get('oracle_balanced_accuracy')):>8}{_fmt(row.get('bayes_bound')):>8}"
-                       f"{_fmt(gain):>10}{_fmt(row.get('mean_added_ms')):>10}{_fmt(row.get('p99_added_ms')):>9}")
+        labels = [row["label"] + (" *" if row["label"] == rec else "") for row in block["rows"]]
+        width = max(len("defense"), *map(len, labels)) + 2
+        out.append(f"{'defense':<{width}}{'oracle':>8}{'Bayes':>8}{'gain AUC':>10}{'+ms mean':>10}{'+ms p99':>9}")
+        for label, row in zip(labels, block["rows"], strict=True):
+            gain = (row.get("hybrid_gain") or {}).get("value")  # the hybrid's paired AUC gain over the original
+            out.append(f"{label:<{width}}{_fmt(row.get('oracle_balanced_accuracy')):>8}"
+                       f"{_fmt(row.get('bayes_bound')):>8}{_fmt(gain):>10}{_fmt(row.get('mean_added_ms')):>10}"
+                       f"{_fmt(row.get('p99_added_ms')):>9}")
         out.append(f"(* recommended; balanced accuracies against 1/K = {block['chance_balanced']:.3f})")
     return "\n".join(out)
 

@@ -59,6 +59,12 @@ def test_verdict_and_summary_table_state_the_headline_numbers(tiny_run):
     assert any("paper.txt line 178" in line for line in lines)  # the paper's own words, with their line
     table = summary_table(results)
     assert "loss-hybrid" in table and "padding(" in table and "(* recommended" in table
+    # every defense row shows its hybrid gain, in columns aligned under the header however long its label
+    header = next(line for line in table.splitlines() if line.startswith("defense"))
+    rows = [line for line in table.splitlines() if line.startswith(("padding(", "timeguard(", "optimal(", "none"))]
+    assert rows and all(len(line) == len(header) for line in rows), (header, rows)
+    gains = [row["hybrid_gain"]["value"] for row in results["defenses"]["rows"] if row.get("hybrid_gain")]
+    assert gains and all(f"{g:.3f}" in table for g in gains)
 
 
 def test_the_deployed_backend_is_shown_with_its_own_options(tiny_run):
