@@ -19,6 +19,7 @@ python benchmarks/serve_overhead.py --bundle bundles/location/fcn18-1-x6-target-
 python benchmarks/serve_load.py --bundle bundles/location/fcn18-1-x6-target-t0.9 --out $R/serve_load.json
 python benchmarks/defense_timeguard.py --out $R/defense_timeguard.json
 python benchmarks/defense_throughput.py --seconds 3 --rounds 3 --out $R/defense_throughput.json
+python benchmarks/idle_gap_latency.py --bundle runs/audit-location/export-target-*/bundle
 python benchmarks/stealing_accuracy.py --bundle bundles/location/fcn18-1-x6-target-t0.9 \
   --run runs/location/fcn18-1-x6-target --out $R/stealing_accuracy_location.json
 # Adversary 2 against plain and jittery stacks (bundles of docs/results.md, "Adversary 2 against real serving

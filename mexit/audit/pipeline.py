@@ -24,6 +24,7 @@ anything is touched.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -598,6 +599,8 @@ def _live_stage(a: _Audit, dres: StageResult, ctx: dict[str, Any], export: Stage
                                             else None},
                                       checkpoint_path=path / f"{role}.ckpt.npz", progress=a.progress,
                                       num_exits=owner.num_exits, num_classes=owner.num_classes)
+            if served.deployment_state is not None:  # what the served guard did: its schedule, refits, overruns
+                atomic_write_json(path / f"{role}-state.json", served.deployment_state)
             sig.save(out_file)
             (path / f"{role}.ckpt.npz").unlink(missing_ok=True)
             return sig
@@ -611,10 +614,13 @@ def _live_stage(a: _Audit, dres: StageResult, ctx: dict[str, Any], export: Stage
         live = replace(live, **{name: getattr(base, name) for name in RECORDERS})
         live.save(path / "signals.npz")
         row = next((r for r in dres.result["rows"] if r["label"] == rec["label"]), None)
-        return live_defense_confirmation(live=live, baseline=reference, shadow=c["s"], x_shadow=c["x_s"],
-                                         kind=c["kind"], shadow_key=ctx["shadow_key"], config=config,
-                                         stealer=ctx["stealer"], hybrid_attacks=c["hybrids"],
-                                         original_scores=c["originals"], offline_row=row, seed=cfg.seed)
+        out = live_defense_confirmation(live=live, baseline=reference, shadow=c["s"], x_shadow=c["x_s"],
+                                        kind=c["kind"], shadow_key=ctx["shadow_key"], config=config,
+                                        stealer=ctx["stealer"], hybrid_attacks=c["hybrids"],
+                                        original_scores=c["originals"], offline_row=row, seed=cfg.seed)
+        state = path / "defended-state.json"
+        out["served_defense"] = json.loads(state.read_text()) if state.exists() else None
+        return out
 
     return a.store.run("defense-live", deps, fn, resumable=True)
 

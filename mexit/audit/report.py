@@ -32,6 +32,30 @@ _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 # ------------------------------------------------------------------------------------------ numbers
+def served_defense_note(state: dict[str, Any] | None) -> str | None:
+    """One sentence on what the served guard did while the live recording ran (its own calibration, refits,
+    overruns), from :func:`mexit.serve.deploy.runtime_state`; None when the deployment reported nothing."""
+    if not state or "requests" not in state:
+        return None
+    requests, overruns = int(state["requests"]), int(state.get("overruns", 0))
+    text = (f"The served guard planned on its own start-up calibration ({state.get('calibration', '?')}) and answered "
+            f"{requests} requests, {overruns} of them after their release ({100 * overruns / max(requests, 1):.1f} %")
+    if state.get("overruns_per_exit") and state.get("requests_per_exit"):
+        text += ", by exit: " + ", ".join(f"{o}/{r}" for o, r in zip(state["overruns_per_exit"],
+                                                                     state["requests_per_exit"], strict=False))
+    text += ")"
+    if state.get("adapt"):
+        shifts = ", ".join(f"{1e3 * v:.2f}" for v in state.get("live_shift_s") or [])
+        text += (f"; it refitted {state.get('refits', 0)} time(s) on live times ({state.get('relaxes', 0)} "
+                 f"relaxation(s)), ending with a margin of {1e3 * float(state.get('refit_margin_s', 0)):.2f} ms and "
+                 f"live shifts per exit of [{shifts}] ms")
+    if state.get("bayes_bound") is not None:
+        text += f"; its schedule's own Bayes bound {float(state['bayes_bound']):.3f}"
+    if state.get("earliest_release_s") is not None:
+        text += f", earliest release {1e3 * float(state['earliest_release_s']):.2f} ms after compute starts"
+    return text + "."
+
+
 def live_verdict(live: dict[str, Any], block: dict[str, Any] | None, config: dict[str, Any]) -> str:
     """One sentence on the defense served for real: does its oracle stay within the audit's tolerance of 1/K?
 
@@ -619,6 +643,9 @@ def render_html(results: dict[str, Any], figures: dict[str, str]) -> str:
              off.get("oracle_balanced_accuracy")],
             ["exit-ranking AUC", live.get("exit_ranking_auc"), off.get("exit_ranking_auc")],
             ["mean added latency (ms)", live.get("mean_added_ms"), off.get("mean_added_ms")]]))
+        note = served_defense_note(live.get("served_defense"))
+        if note:
+            parts.append(f"<p class='muted'>{html.escape(note)}</p>")
 
     parts.append("<h2>Run</h2>")
     parts.append(_table(["stage", "seconds", "cached"], [[n, t["seconds"], "yes" if t["cached"] else "no"]

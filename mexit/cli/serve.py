@@ -80,6 +80,8 @@ def resolve_defense(defense: str | None, params: tuple[str, ...], timeguard_sigm
 @click.option("--info-file", type=click.Path(path_type=Path), default=None, hidden=True,
               help="Write the bound URL and model name here (ServerProcess).")
 @click.option("--exit-with-parent", is_flag=True, hidden=True, help="Stop when the parent process dies.")
+@click.option("--state-file", type=click.Path(path_type=Path), default=None, hidden=True,
+              help="On a clean stop, write what the served runtime reports (a defense's describe()) here.")
 @click.option("--predict", type=click.Choice(["auto", "inline", "thread"]), default="auto", show_default=True,
               help="Where predictions run: on the event loop when a batch's worst case fits in 2 ms, measured at "
                    "start-up (auto; the thread hand-off costs ~0.2-0.7 ms), always on the event loop (inline: one "
@@ -90,7 +92,8 @@ def command(bundle: Path | None, host: str, port: int, model_name: str | None, e
             max_body_mb: float, max_batch: int,
             defense: str | None, params: tuple[str, ...], key_file: Path | None, timeguard_sigma: float | None,
             pad_to_final: bool, adapt: bool, log_level: str, factory: str | None, factory_kwargs: str | None,
-            info_file: Path | None, exit_with_parent: bool, predict: str, predict_inline: bool) -> None:
+            info_file: Path | None, exit_with_parent: bool, state_file: Path | None, predict: str,
+            predict_inline: bool) -> None:
     """Serve BUNDLE over the Open Inference Protocol until Ctrl-C."""
     from mexit._io import atomic_write_json
     from mexit.serve.factory import build_served_runtime, guard_runtime, max_body_bytes, runtime_from_factory
@@ -137,6 +140,13 @@ def command(bundle: Path | None, host: str, port: int, model_name: str | None, e
         for text in plan_text:
             click.echo(f"predictions {text}")
 
+    def on_stop() -> None:  # every connection closed: what the guard did while it ran (never sent to clients)
+        if state_file is not None:
+            from mexit.serve.deploy import runtime_state
+
+            atomic_write_json(state_file, {"runtime": runtime_state(served.runtime)})
+
     serve(served.runtime, host=host, port=port, log_level=log_level, on_bound=on_bound, on_plan=on_plan,
-          model_name=name, expose=expose, expose_exit=expose_exit, max_body_bytes=max_body_bytes(max_body_mb),
-          max_batch=max_batch, metadata_extra=served.metadata, predict="inline" if predict_inline else predict)
+          on_stop=on_stop, model_name=name, expose=expose, expose_exit=expose_exit,
+          max_body_bytes=max_body_bytes(max_body_mb), max_batch=max_batch, metadata_extra=served.metadata,
+          predict="inline" if predict_inline else predict)

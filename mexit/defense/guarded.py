@@ -86,7 +86,10 @@ RELAX_MIN_CHANGE_S = 20e-6
 RELAX_DROP_FRACTION = 0.5
 RELAX_LOAD_FRACTION = 0.5
 LIVE_SAMPLES = 2000
-MIN_LIVE_PER_EXIT = 10
+# Three, not ten: the first refit comes after ~50 requests, when a rare slow exit has only a handful of live times;
+# with ten it got no shift and kept overrunning (Location audit: 5-7 of exit 4's 36 answers, live oracle 0.25-0.28
+# in 4 of 5 reruns); with three (their p90 is about their maximum) 0-1 of 36, oracle 0.17-0.21 in 3 of 3.
+MIN_LIVE_PER_EXIT = 3
 
 
 def _accepts_force_exit(predict: Callable[..., Any]) -> bool | None:
@@ -259,6 +262,8 @@ class GuardedRuntime:
         self.release_from = release_from
         self.requests = 0
         self.overruns = 0
+        self._requests_by_exit = [0] * runtime.num_exits
+        self._overruns_by_exit = [0] * runtime.num_exits
         self.refits = 0
         self._calibrated = clean
         self._adaptive = bool(adapt) and callable(fit) and clean is not None
@@ -333,13 +338,17 @@ class GuardedRuntime:
     def _release_ns(self, arrival: int, start: int, offset: int) -> int:
         return (max(arrival, start) if self.release_from == "compute" else arrival) + offset
 
-    def _count(self, release_ns: int) -> None:
+    def _count(self, release_ns: int, pred: Prediction) -> None:
         """Count the request, and an overrun when compute finished after the release time (which may start a
-        refit, see ``adapt``)."""
+        refit, see ``adapt``), each also under the request's deepest exit."""
         late = time.perf_counter_ns() - release_ns
         over = late > 0
         self.requests += 1
         self.overruns += over
+        if len(pred):
+            k = int(np.max(pred.exit_index))
+            self._requests_by_exit[k] += 1
+            self._overruns_by_exit[k] += over
         if not self._adaptive:
             return
         with self._refit_lock:
@@ -466,7 +475,7 @@ class GuardedRuntime:
         try:
             pred, offset, start = self._infer(x, full_depth)
             release = self._release_ns(arrival, start, offset)
-            self._count(release)
+            self._count(release, pred)
             while (remaining := release - time.perf_counter_ns()) > SPIN_NS:
                 time.sleep((remaining - SPIN_NS) / _NS)
             _spin_until(release)
@@ -483,7 +492,7 @@ class GuardedRuntime:
         try:
             pred, offset, start = await asyncio.to_thread(self._infer, x, full_depth)
             release = self._release_ns(arrival, start, offset)
-            self._count(release)
+            self._count(release, pred)
             while (remaining := release - time.perf_counter_ns()) > 2 * SPIN_NS:
                 await asyncio.sleep((remaining - 2 * SPIN_NS) / _NS)
             if release > time.perf_counter_ns():  # the last stretch in a worker thread, not blocking the loop
@@ -496,9 +505,11 @@ class GuardedRuntime:
         """Policy settings and calibration, for reports and provenance (no secrets)."""
         policy = self.policy.describe() if hasattr(self.policy, "describe") else {"policy": type(self.policy).__name__}
         out = {**policy, "clean_times_s": self._fitted[1].tolist(), "calibration": self.calibration_method,
-               "requests": self.requests, "overruns": self.overruns, "adapt": self._adaptive, "refits": self.refits,
+               "requests": self.requests, "overruns": self.overruns, "requests_per_exit": list(self._requests_by_exit),
+               "overruns_per_exit": list(self._overruns_by_exit), "adapt": self._adaptive, "refits": self.refits,
                "relaxes": self.relaxes, "refit_margin_s": self.refit_margin_s,
-               "live_shift_s": self._shifts_s.tolist(), "live_samples": [len(d) for d in self._live]}
+               "live_shift_s": self._shifts_s.tolist(),
+               "live_samples": [len(d) for d in self._live]}
         if self.clean_times is not None:
             out["clean_time_quantiles"] = self.clean_times.describe()
         return out

@@ -143,6 +143,9 @@ class OIPClient:
     of every element on both sides, which grows with the input size.
     """
 
+    #: Set by :func:`mexit.serve.deploy.deployed` on teardown (see there).
+    deployment_state: dict[str, Any] | None = None
+
     def __init__(
         self,
         url: str,
@@ -260,6 +263,9 @@ class LocalClient:
     Returns the same output names the server would for the same ``expose``/``expose_exit``, with the
     same dtypes, and measures ``rtt_ns`` around the runtime call alone.
     """
+
+    #: Set by :func:`mexit.serve.deploy.deployed` on teardown (see there).
+    deployment_state: dict[str, Any] | None = None
 
     def __init__(
         self,

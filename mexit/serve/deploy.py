@@ -13,6 +13,7 @@ Used by ``mexit attack`` and the audit alike, so both query deployments through 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -100,6 +101,16 @@ def check_port_free(port: int, host: str = DEFAULT_HOST) -> None:
         bind_socket(host, port).close()
 
 
+def runtime_state(runtime: Any) -> dict[str, Any] | None:
+    """What a served runtime reports about itself, as JSON-able data: a timing defense's ``describe()`` (its
+    schedule, calibration, refits and overruns; no key material), or None for a runtime without one."""
+    describe = getattr(runtime, "describe", None)
+    state = describe() if callable(describe) else None
+    if not isinstance(state, dict):
+        return None
+    return json.loads(json.dumps(state, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
 @contextlib.contextmanager
 def deployed(
     bundle: str | Path,
@@ -121,6 +132,9 @@ def deployed(
     ``backend_opts``: the backend's own options (``mexit serve --backend-opt KEY=VALUE`` for a server).
     ``defense``: a registered defense name (:func:`mexit.defense.defense_names`) with its ``defense_params``;
     ``adapt``: whether a fitted defense refits on live times (:class:`~mexit.defense.guarded.GuardedRuntime`).
+
+    After the block, ``client.deployment_state`` holds what the deployed runtime reported when it was torn down
+    (:func:`runtime_state`: a timing defense's schedule, refits and overruns), or None.
     """
     if mode == "server":
         check_port_free(port)
@@ -134,6 +148,7 @@ def deployed(
                 yield client
             finally:
                 client.close()
+        client.deployment_state = server.final_state
         return
     if mode != "in-process":
         raise ConfigError(f"unknown deployment mode {mode!r}; choose 'server' or 'in-process'")
@@ -146,6 +161,7 @@ def deployed(
     try:
         yield client
     finally:
+        client.deployment_state = runtime_state(served.runtime)
         close = getattr(served.runtime, "close", None)
         if callable(close):
             close()

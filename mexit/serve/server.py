@@ -89,6 +89,7 @@ def serve(
     timeout_keep_alive: int = DEFAULT_KEEP_ALIVE_S,
     on_bound: Callable[[str], None] | None = None,
     on_plan: Callable[[Any], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
     **app_opts: Any,
 ) -> None:
     """Serve ``runtime`` over the Open Inference Protocol until interrupted (SIGINT/SIGTERM).
@@ -96,9 +97,17 @@ def serve(
     ``app_opts`` go to :func:`mexit.serve.app.create_app` (``model_name`` is required there).
     ``on_bound(url)`` is called once the port is bound, before requests are accepted (the CLI prints
     the URL; ``mexit serve --info-file`` writes it for :class:`ServerProcess`). ``on_plan(plan)`` gets the
-    :class:`mexit.serve.app.PredictPlan` the app chose (the CLI prints ``plan.describe()``).
+    :class:`mexit.serve.app.PredictPlan` the app chose (the CLI prints ``plan.describe()``). ``on_stop()`` is called
+    after a graceful shutdown has closed every connection, before uvicorn re-raises the signal that stopped it (a
+    re-raised SIGTERM ends the process, so code after ``serve`` would not run).
     """
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets=sockets)
+            if on_stop is not None:
+                on_stop()
 
     app = create_app(runtime, **app_opts)
     if on_plan is not None:
@@ -123,7 +132,7 @@ def serve(
         )
         logger.info("serving %s at %s", app_opts.get("model_name"), url)
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            Server(config).run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C it captured
             logger.info("server stopped")
     finally:
@@ -216,6 +225,9 @@ class ServerProcess:
         self.url: str = ""
         self.model_name: str = ""
         self.info: dict[str, Any] = {}
+        #: After :meth:`stop`: what the served runtime reported on its clean shutdown (a timing defense's
+        #: ``describe()``: its schedule, refits and overruns), or None.
+        self.final_state: dict[str, Any] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._log: Any = None
@@ -239,7 +251,7 @@ class ServerProcess:
         info_file = Path(self._tmp.name) / "info.json"
         log_path = Path(self._tmp.name) / "server.log"
         cmd = [sys.executable, "-m", "mexit.cli", "serve", *self.args, "--info-file", str(info_file),
-               "--exit-with-parent"]
+               "--state-file", str(Path(self._tmp.name) / "state.json"), "--exit-with-parent"]
         env = dict(os.environ if self.env is None else self.env)
         # The child imports the same mexit as this process, installed or not.
         package_root = str(Path(__file__).resolve().parents[2])
@@ -298,6 +310,8 @@ class ServerProcess:
             self._log = None
         if self._tmp is not None:
             self.last_log = self.log_tail(200)
+            with contextlib.suppress(ValueError, OSError):
+                self.final_state = json.loads((Path(self._tmp.name) / "state.json").read_text())["runtime"]
             self._tmp.cleanup()
             self._tmp = None
 

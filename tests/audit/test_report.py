@@ -8,7 +8,15 @@ from html.parser import HTMLParser
 
 import pytest
 
-from mexit.audit.report import FIGURES, backend_label, build_report, render_html, summary_table, verdict
+from mexit.audit.report import (
+    FIGURES,
+    backend_label,
+    build_report,
+    render_html,
+    served_defense_note,
+    summary_table,
+    verdict,
+)
 from mexit.audit.results import REPORT_FILE
 from mexit.errors import UserError
 
@@ -118,3 +126,16 @@ def test_live_verdict_says_when_the_defense_does_not_hold_live():
     tight = {**leaky, "oracle_balanced_accuracy": 0.18}
     assert "holds live" in live_verdict(tight, block, cfg) and "NOT" not in live_verdict(tight, block, cfg)
     assert "could not be judged" in live_verdict({**tight, "oracle_balanced_accuracy": None}, None, {})
+
+
+def test_the_served_guard_is_described_in_one_sentence():
+    state = {"policy": "optimal", "calibration": "force_exit", "requests": 1500, "overruns": 15, "adapt": True,
+             "refits": 2, "relaxes": 0, "refit_margin_s": 0.0004, "live_shift_s": [0.0, 0.0001, 0.0002],
+             "bayes_bound": 0.1767, "earliest_release_s": 0.0021, "overruns_per_exit": [0, 5, 10],
+             "requests_per_exit": [1000, 300, 200]}
+    note = served_defense_note(state)
+    assert note is not None
+    for part in ("1500 requests", "15 of them", "(1.0 %, by exit: 0/1000, 5/300, 10/200)", "refitted 2 time(s)",
+                 "margin of 0.40 ms", "[0.00, 0.10, 0.20] ms", "Bayes bound 0.177", "earliest release 2.10 ms"):
+        assert part in note, (part, note)
+    assert served_defense_note(None) is None and served_defense_note({}) is None

@@ -170,6 +170,24 @@ def test_adapt_reaches_the_guard_in_process_and_the_server_child(mlp_bundle: Pat
     assert ("--no-adapt" in args) is (not adapt)
 
 
+@pytest.mark.parametrize("mode", ["in-process", "server"])
+def test_the_deployment_reports_its_guard_when_torn_down(mlp_bundle: Path, mode: str) -> None:
+    """What the served guard did (its schedule, requests, overruns) comes back after the deployment closes,
+    from a server child too (written on its clean shutdown, never sent to clients); nothing for no defense."""
+    from mexit.serve import deployed
+
+    with deployed(mlp_bundle, mode=mode, defense="padding", defense_params={"quantile": 1.0}) as client:
+        for _ in range(3):
+            client.infer(_inputs(1))
+        assert "requests" not in client.metadata() and "clean_times_s" not in client.metadata()
+    state = client.deployment_state
+    assert state is not None and state["policy"] == "padding" and state["requests"] == 3, state
+    assert state["adapt"] is True and len(state["clean_times_s"]) == 3
+    with deployed(mlp_bundle, mode=mode) as plain:
+        plain.infer(_inputs(1))
+    assert plain.deployment_state is None
+
+
 def test_backend_options_reach_the_in_process_and_the_owner_runtime(mlp_bundle: Path) -> None:
     from mexit.serve import deployed
     from mexit.serve.deploy import owner_runtime
