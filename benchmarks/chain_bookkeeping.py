@@ -13,8 +13,8 @@ what a run costs the Python and numpy work that follows it.
 
 Each repeat passes every batch through both runtimes and the full-depth graph in a fresh random order; reported per
 batch size: samples/s (median over repeats), each chain's gain over the full graph divided by the FLOPs-predicted
-gain (issue 14's goal: >= 0.8), and the paired difference per repeat. Both take the same exits with the same
-probabilities (checked).
+gain (issue 14's goal: >= 0.8), and the paired difference per repeat with a 95 % bootstrap interval of its
+median. Both take the same exits with the same probabilities (checked).
 
     python benchmarks/chain_bookkeeping.py --run RUN_DIR --bundle BUNDLE [--threshold T] [--repeats 21] [--out …]
 """
@@ -69,6 +69,15 @@ class BetweenStages(EarlyExitRuntime):
                 active = rows[keep]
             else:
                 h = features
+
+
+def paired_median_ci(diff: list[float], seed: int) -> list[float]:
+    """95 % percentile-bootstrap interval of the median of the paired per-repeat differences (scipy)."""
+    from scipy.stats import bootstrap
+
+    res = bootstrap((np.asarray(diff),), np.median, n_resamples=5000, method="percentile",
+                    random_state=np.random.default_rng(seed))
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
 def between_runs(rt: EarlyExitRuntime, xs: np.ndarray, batch: int, rounds: int) -> dict[str, float]:
@@ -162,12 +171,14 @@ def main() -> None:
             "gain_over_predicted_per_repeat": ratio,
             "after_minus_between_per_repeat": diff,
             "after_minus_between_median": statistics.median(diff),
+            "after_minus_between_median_ci95": paired_median_ci(diff, args.seed),
             "repeats_after_ahead": sum(d > 0 for d in diff),
             "between_runs_us": outside, "same_exits_and_probs": same, "goal": ">= 0.8"})
     out = write_bundle_record("chain_bookkeeping", args, after, results, load_before)
     for r in results:
         print(json.dumps({"batch": r["batch"], "gain_over_predicted": r["gain_over_predicted"],
                           "after_minus_between_median": round(r["after_minus_between_median"], 3),
+                          "ci95": [round(v, 3) for v in r["after_minus_between_median_ci95"]],
                           "repeats_after_ahead": f"{r['repeats_after_ahead']}/{args.repeats}",
                           "between_runs_us": {k: {m: round(u) for m, u in v.items()}
                                               for k, v in r["between_runs_us"].items()},

@@ -71,6 +71,11 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON data (numpy scalars and arrays as numbers and lists, Paths as strings)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def _json_default(obj: Any) -> Any:
     # numpy scalars and arrays, Paths: the usual suspects in metrics dictionaries.
     if hasattr(obj, "tolist"):

@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -196,6 +197,25 @@ def calibrate_clean_times(runtime: Runtime, calibration_inputs: np.ndarray | Non
     return clean.medians(), method
 
 
+@dataclass
+class _Tally:
+    """Requests and overruns counted since ``start_ns``, with the requests in flight summed as each was counted."""
+
+    start_ns: int = field(default_factory=time.perf_counter_ns)
+    requests: int = 0
+    overruns: int = 0
+    in_flight: int = 0
+
+    def add(self, over: bool, in_flight: int) -> None:
+        self.requests += 1
+        self.overruns += over
+        self.in_flight += in_flight
+
+    @property
+    def mean_in_flight(self) -> float:
+        return self.in_flight / max(self.requests, 1)
+
+
 def _spin_until(release_ns: int) -> None:
     """Busy-wait (yielding the GIL) until ``perf_counter_ns() >= release_ns``; at most ~SPIN_NS after a sleep."""
     while time.perf_counter_ns() < release_ns:
@@ -220,10 +240,11 @@ class GuardedRuntime:
     batch-1 request's compute and keyed target took per exit, and when the schedule overruns (see
     ``REFIT_*``) it refits a copy of the policy on the calibration samples shifted by each exit's live excess
     (at ``LIVE_QUANTILE``), in a background thread, and swaps it in; while overruns stay above
-    ``MARGIN_OVERRUN_RATE`` a common margin grows at each further refit, and once overruns have stayed rare for a
-    while (``RELAX_*``) it refits again with half the margin and the live shift of now, so a load spike's cost
-    goes away with the spike. The schedule is refitted as a whole, never per request, so it stays a function of the
-    calibration; the refit only keeps the slowest exit's answers from arriving after the schedule's last release.
+    ``MARGIN_OVERRUN_RATE`` a common margin grows at each further refit. Once overruns have stayed rare for a while,
+    with fewer requests in flight than when it last grew (``RELAX_*``), it refits again with a quarter of the margin
+    and the live shift of now, so a load spike's cost goes away with the spike. The schedule is refitted as a whole,
+    never per request, so it stays a function of the calibration; the refit only keeps the slowest exit's answers
+    from arriving after the schedule's last release.
     """
 
     def __init__(self, runtime: Runtime, policy: DelayPolicy, *, calibration_inputs: np.ndarray | None = None,
@@ -270,15 +291,10 @@ class GuardedRuntime:
         self._live: list[deque[float]] = [deque(maxlen=LIVE_SAMPLES) for _ in range(runtime.num_exits)]
         self._refit_lock = threading.Lock()
         self._refitting = False
-        self._since_refit = 0
-        self._overruns_since_refit = 0
-        self._in_flight_since_refit = 0  # the sum of _in_flight as each request since the last refit was counted
-        self._window_requests = 0  # in the current window (see RELAX_*)
-        self._window_overruns = 0
+        self._since_refit = _Tally()
+        self._window = _Tally()  # the current window (see RELAX_*)
         self._quiet_windows = 0
         self._in_flight = 0  # requests between entering predict and their release
-        self._window_start = time.perf_counter_ns()
-        self._window_in_flight = 0  # the sum of _in_flight as each request of the window was counted
         self._recent_in_flight: deque[float] = deque(maxlen=RELAX_WINDOWS)  # its mean in the last windows
         self._grown_in_flight = 0.0  # the mean in flight in the window that last grew the schedule
         self._window_exits = [0] * runtime.num_exits  # live samples per exit in the current window
@@ -352,24 +368,20 @@ class GuardedRuntime:
         if not self._adaptive:
             return
         with self._refit_lock:
-            self._since_refit += 1
-            self._overruns_since_refit += over
-            self._in_flight_since_refit += self._in_flight
-            self._window_requests += 1
-            self._window_overruns += over
-            self._window_in_flight += self._in_flight
+            self._since_refit.add(over, self._in_flight)
+            self._window.add(over, self._in_flight)
             if over and len(self._excess) < LIVE_SAMPLES:
                 self._excess.append(late / _NS)
             if self._refitting:
                 return
             # grow: as soon as the schedule in force has overrun a few times (the first refit), later while
             # overruns since the last refit stay above MARGIN_OVERRUN_RATE
-            n, overran = self._since_refit, self._overruns_since_refit
+            n, overran = self._since_refit.requests, self._since_refit.overruns
             needed = ((REFIT_OVERRUNS, REFIT_MIN_REQUESTS) if self.refits == 0 else
                       (max(REFIT_OVERRUNS, MARGIN_OVERRUN_RATE * n), MARGIN_MIN_REQUESTS))
             relax = False
             if overran >= needed[0] and n >= needed[1]:
-                self._grown_in_flight = self._in_flight_since_refit / n
+                self._grown_in_flight = self._since_refit.mean_in_flight
             elif not self._window_ended():
                 return
             else:  # relax: see RELAX_*
@@ -378,9 +390,8 @@ class GuardedRuntime:
                     return
                 relax = True
             self._quiet_windows = 0
-            self._since_refit = self._overruns_since_refit = self._in_flight_since_refit = 0
-            self._window_start, self._window_requests, self._window_overruns = time.perf_counter_ns(), 0, 0
-            self._window_in_flight, self._window_exits = 0, [0] * len(self._window_exits)
+            self._since_refit, self._window = _Tally(), _Tally()
+            self._window_exits = [0] * len(self._window_exits)
             self._refitting = True
             # a relaxation measures the quiet windows' live times; a refit after one, those since it: a load that
             # has passed must not come back through the next refit's shift
@@ -441,16 +452,15 @@ class GuardedRuntime:
     def _window_ended(self) -> bool:
         """Close the current window if it is over (MARGIN_MIN_REQUESTS requests, or WINDOW_MAX_NS with at least
         REFIT_MIN_REQUESTS) and record it for a relaxation (after the first refit only); whether it ended."""
-        n, now = self._window_requests, time.perf_counter_ns()
-        if self.refits == 0 or (n < MARGIN_MIN_REQUESTS and (n < REFIT_MIN_REQUESTS
-                                                             or now - self._window_start < WINDOW_MAX_NS)):
+        window, n = self._window, self._window.requests
+        young = time.perf_counter_ns() - window.start_ns < WINDOW_MAX_NS
+        if self.refits == 0 or (n < MARGIN_MIN_REQUESTS and (n < REFIT_MIN_REQUESTS or young)):
             return False
-        quiet = self._window_overruns <= RELAX_WINDOW_OVERRUNS
-        self._quiet_windows = self._quiet_windows + 1 if quiet else 0
+        self._quiet_windows = self._quiet_windows + 1 if window.overruns <= RELAX_WINDOW_OVERRUNS else 0
         self._recent_exits.append(self._window_exits)
-        self._recent_in_flight.append(self._window_in_flight / n)
+        self._recent_in_flight.append(window.mean_in_flight)
         self._window_exits = [0] * len(self._window_exits)
-        self._window_start, self._window_requests, self._window_overruns, self._window_in_flight = now, 0, 0, 0
+        self._window = _Tally()
         return True
 
     def _enter(self) -> None:

@@ -199,7 +199,7 @@ class EarlyExitRuntime(FixedShape):
             if scored:  # softmax and max probability come out of the stage graph
                 features, p, conf = self.backend.run_stage_scored(k, h)  # type: ignore[attr-defined]
                 done = conf >= threshold
-            else:  # decide from the row sums of exp(z - max); divide only the leaving rows (policy.shifted_exp)
+            else:  # decide from the row sums of exp(z - max) (policy.shifted_exp); divide after the chain
                 features, logits = self.backend.run_stage(k, h)
                 e, s = shifted_exp(logits)
                 done = self.policy.exits_shifted(e, s)
@@ -220,13 +220,14 @@ class EarlyExitRuntime(FixedShape):
             else:
                 h = features
         for k, at, done, p, now in left:
+            p = p[0] / p[1] if isinstance(p, tuple) else p  # (exp(z - max), its row sums) on the numpy path
             out: slice | np.ndarray
             if done is None:
                 out = slice(offset, offset + len(x)) if at is None else at + offset
-                probs[out] = p if not isinstance(p, tuple) else p[0] / p[1]
             else:
                 out = (np.flatnonzero(done) if at is None else at[done]) + offset
-                probs[out] = p[done] if not isinstance(p, tuple) else p[0][done] / p[1][done]
+                p = p[done]
+            probs[out] = p
             exit_index[out] = k
             latency[out] = now - t0
 

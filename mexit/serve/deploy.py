@@ -13,13 +13,13 @@ Used by ``mexit attack`` and the audit alike, so both query deployments through 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mexit._io import jsonable
 from mexit.errors import ConfigError
 from mexit.serve.client import LocalClient, OIPClient
 from mexit.serve.server import DEFAULT_HOST, ServerProcess, bind_socket
@@ -108,7 +108,7 @@ def runtime_state(runtime: Any) -> dict[str, Any] | None:
     state = describe() if callable(describe) else None
     if not isinstance(state, dict):
         return None
-    return json.loads(json.dumps(state, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+    return jsonable(state)
 
 
 @contextlib.contextmanager
