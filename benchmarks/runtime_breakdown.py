@@ -16,6 +16,14 @@ Runtime thread:
 So ``single - backbone`` is what the heads and the exit decisions add at exit k, ``runtime - single`` is the
 runtime's Python, and ``nested - flat`` is the price of ``If`` nesting, which no head optimisation can win back.
 
+``nesting_split`` (session 10) takes that price apart on the last exit's path, one sample, interleaved rounds:
+the bundle's full-depth graph; the backbone stages concatenated into one flat graph (each stage as the runtime
+rewrites it: a residual stage's skip read through an identity 1×1 convolution, :mod:`mexit.runtime.layout`); the
+same with a ``Reshape`` at every stage boundary, which forces ONNX Runtime out of its blocked (NCHWc) layout and
+back, as an ``If`` boundary does; and the nested ``If`` chain — with the skip routed through the identity
+convolution (the runtime's), through a depthwise 1×1 convolution of ones (a cheaper identity the layout transformer
+also converts), or not routed at all.
+
 ``at_natural_exits`` turns these into the goal's unit: each sample timed at its own exit under each configuration,
 as realised / FLOPs-predicted speed-up. ``backbone`` is the ceiling if heads, decisions and Python cost nothing.
 
@@ -28,6 +36,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,22 +61,80 @@ def _session(model: bytes | Path, threads: int) -> ort.InferenceSession:
                                 providers=["CPUExecutionProvider"])
 
 
-def nested_backbone(bundle_dir: Path, tmp: Path, threads: int) -> list[Callable[[np.ndarray], object]]:
-    """One callable per exit k: the backbone-only stages chained by nested ``If`` nodes as in the early-exit graph,
-    leaving at exit k."""
+def _depthwise_skips(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The identity 1×1 skip convolutions of :func:`mexit.runtime.layout.route_skips_through_conv` as depthwise 1×1
+    convolutions of ones (``group`` = channels): the same values, C times fewer multiplications."""
+    from onnx import numpy_helper
+
+    from mexit.runtime.layout import SKIP_CONV_SUFFIX
+
+    weights = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.output[0].endswith(SKIP_CONV_SUFFIX):
+            w = weights[node.input[1]]
+            channels = w.dims[0]
+            w.CopyFrom(numpy_helper.from_array(np.ones((channels, 1, 1, 1), np.float32), w.name))
+            node.attribute.append(helper.make_attribute("group", channels))
+    return model
+
+
+def backbone_stages(bundle_dir: Path, tmp: Path, skip: str = "conv") -> list[onnx.ModelProto]:
+    """Each stage's backbone (heads cut off), names prefixed ``s{k}_``, stage k reading stage k-1's features.
+    ``skip``: how a residual stage's skip from its input is routed — ``conv`` (the runtime's identity 1×1
+    convolution), ``depthwise`` (:func:`_depthwise_skips`) or ``none`` (the stages as exported)."""
     b = load_bundle(bundle_dir)
     m = b.manifest
-    k_exits = m.model.num_exits
+    graphs = _stage_graphs(b, skip_conv=skip != "none")
+    if skip == "depthwise":
+        graphs = [_depthwise_skips(g) for g in graphs]
     stages = []
-    for k, (model, e) in enumerate(zip(_stage_graphs(b, skip_conv=True), m.exits, strict=True)):
-        src, cut = tmp / f"stage{k}.onnx", tmp / f"stage{k}_backbone.onnx"
+    for k, (model, e) in enumerate(zip(graphs, m.exits, strict=True)):
+        src, cut = tmp / f"stage{k}_{skip}.onnx", tmp / f"stage{k}_{skip}_backbone.onnx"
         onnx.save(model, str(src))
         utils.extract_model(str(src), str(cut), [e.input_name], [e.feature_output or e.logits_output])
         stages.append(compose.add_prefix(onnx.load(str(cut)), f"s{k}_"))
-    for k in range(1, k_exits):
+    for k in range(1, m.model.num_exits):
         src, dst = f"s{k}_{m.exits[k].input_name}", f"s{k - 1}_{m.exits[k - 1].feature_output}"
         for node in stages[k].graph.node:
             node.input[:] = [dst if name == src else name for name in node.input]
+    return stages
+
+
+def flat_backbone(bundle_dir: Path, tmp: Path, threads: int, *,
+                  boundary_reorders: bool) -> Callable[[np.ndarray], object]:
+    """The backbone stages as one flat graph (no ``If``), optionally with a ``Reshape`` to the same shape at every
+    stage boundary: the layout transformer cannot carry its blocked layout through it, so each boundary costs the
+    reorder out and back in that an ``If`` boundary costs."""
+    m = load_bundle(bundle_dir).manifest
+    stages = backbone_stages(bundle_dir, tmp)
+    nodes, inits = [], []
+    for k, stage in enumerate(stages):
+        if k and boundary_reorders:
+            feature, shape = f"s{k - 1}_{m.exits[k - 1].feature_output}", f"boundary{k}_shape"
+            inits.append(helper.make_tensor(shape, TensorProto.INT64, [4], [0, -1, 0, 0]))  # the same shape
+            nodes.append(helper.make_node("Reshape", [feature, shape], [f"{feature}_boundary"]))
+            for node in stage.graph.node:
+                node.input[:] = [f"{feature}_boundary" if name == feature else name for name in node.input]
+        nodes.extend(stage.graph.node)
+        inits.extend(stage.graph.initializer)
+    x_in, out = f"s0_{m.exits[0].input_name}", f"s{len(stages) - 1}_{m.exits[-1].logits_output}"
+    model = helper.make_model(
+        helper.make_graph(nodes, "flat", [helper.make_tensor_value_info(x_in, TensorProto.FLOAT,
+                                                                        [1, *m.input.sample_shape])],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], initializer=inits),
+        opset_imports=list(stages[0].opset_import))
+    model.ir_version = stages[0].ir_version
+    sess = _session(model.SerializeToString(), threads)
+    return lambda x: sess.run(None, {x_in: x})
+
+
+def nested_backbone(bundle_dir: Path, tmp: Path, threads: int,
+                    skip: str = "conv") -> list[Callable[[np.ndarray], object]]:
+    """One callable per exit k: the backbone-only stages chained by nested ``If`` nodes as in the early-exit graph,
+    leaving at exit k (``skip``: see :func:`backbone_stages`)."""
+    m = load_bundle(bundle_dir).manifest
+    k_exits = m.model.num_exits
+    stages = backbone_stages(bundle_dir, tmp, skip)
 
     def out(name: str) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
@@ -99,6 +166,44 @@ def nested_backbone(bundle_dir: Path, tmp: Path, threads: int) -> list[Callable[
     return runs
 
 
+def nesting_split(bundle_dir: Path, tmp: Path, threads: int, x: np.ndarray, full: ort.InferenceSession, rounds: int,
+                  rng: np.random.Generator, calls: int = 100) -> dict:
+    """What the nested ``If`` chain costs over the full-depth graph on the last exit's path, taken apart (see the
+    module docstring): per configuration the median of ``calls`` back-to-back calls of one sample, in rounds that
+    visit the configurations in a fresh random order; medians over rounds, and each configuration's difference to the
+    full graph per round."""
+    full_in = full.get_inputs()[0].name
+    jobs: dict[str, Callable[[np.ndarray], object]] = {
+        "full_depth_graph": lambda xi: full.run(None, {full_in: xi}),
+        "flat_stages": flat_backbone(bundle_dir, tmp, threads, boundary_reorders=False),
+        "flat_stages_boundary_reorders": flat_backbone(bundle_dir, tmp, threads, boundary_reorders=True),
+        "nested_if": nested_backbone(bundle_dir, tmp, threads)[-1],
+        "nested_if_depthwise_skip": nested_backbone(bundle_dir, tmp, threads, "depthwise")[-1],
+        "nested_if_unrouted_skip": nested_backbone(bundle_dir, tmp, threads, "none")[-1],
+    }
+    outputs = {name: np.asarray(job(x)[0]) for name, job in jobs.items() if name.startswith("nested")}
+    same = all(np.array_equal(v, outputs["nested_if"]) for v in outputs.values())
+    for job in jobs.values():
+        for _ in range(20):
+            job(x)
+    per_round: dict[str, list[float]] = {name: [] for name in jobs}
+    names = list(jobs)
+    for _ in range(rounds):
+        for j in rng.permutation(len(names)):
+            job, t = jobs[names[j]], np.empty(calls)
+            for i in range(calls):
+                t0 = time.perf_counter_ns()
+                job(x)
+                t[i] = time.perf_counter_ns() - t0
+            per_round[names[j]].append(float(np.median(t)) / 1e3)
+    base = np.array(per_round["full_depth_graph"])
+    return {"rounds": rounds, "calls_per_round": calls, "nested_outputs_identical": same,
+            "median_us": {n: float(np.median(v)) for n, v in per_round.items()},
+            "over_full_graph_us": {n: {"median": float(np.median(np.array(v) - base)),
+                                       "per_round": (np.array(v) - base).tolist()}
+                                   for n, v in per_round.items() if n != "full_depth_graph"}}
+
+
 def at_natural_exits(times: dict[str, np.ndarray], exits: np.ndarray, kinds: tuple[str, ...], costs: np.ndarray,
                      full_flops: float) -> dict:
     """What each configuration would realise on the samples' own exits: sample i timed forced to its natural exit
@@ -119,6 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_test_split_options(parser, samples=300, repeats=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--split-rounds", type=int, default=11,
+                        help="interleaved rounds of the nesting split (0: skip it)")
     args = parser.parse_args()
     load_before = os.getloadavg()
     x, _ = held_out(args)
@@ -142,6 +249,8 @@ def main() -> None:
     full_in = full.get_inputs()[0].name
     jobs["full_depth_graph"] = lambda xi: full.run(None, {full_in: xi})
     times = blocked_per_sample(jobs, x, args.repeats, np.random.default_rng(args.seed))
+    split = nesting_split(args.bundle, tmp, args.threads, x[0:1], full, args.split_rounds,
+                          np.random.default_rng(args.seed)) if args.split_rounds else None
     med = {name: float(np.median(t, axis=0).mean()) / 1e3 for name, t in times.items()}
     kinds = ("backbone", "single_float32", "single_int8_heads", "runtime_int8_heads")
     per_exit = []
@@ -159,6 +268,7 @@ def main() -> None:
         "nesting": {"full_depth_graph_us": med["full_depth_graph"],
                     "nested_if_backbone_us": med[f"backbone/{k_exits - 1}"], "if_levels": k_exits - 1,
                     "cost_us": med[f"backbone/{k_exits - 1}"] - med["full_depth_graph"]},
+        "nesting_split": split,
         "at_natural_exits": at_natural_exits(times, exits, kinds, np.asarray(rt.exit_costs, dtype=np.float64),
                                              float(m.exits[-1].cumulative_flops)),
         "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()},
@@ -173,6 +283,9 @@ def main() -> None:
               f"{r['runtime_int8_heads']:8.0f} | {r['heads_decision_nesting_float32_us']:6.0f} "
               f"{r['heads_decision_nesting_int8_us']:6.0f} {r['runtime_python_us']:6.0f}")
     print(json.dumps(record["nesting"]))
+    if split:
+        print("nesting split (µs, last exit's path, median over rounds): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in split["median_us"].items()))
     print(json.dumps(record["at_natural_exits"]["realised_over_predicted"]))
     print(f"written to {out}")
 

@@ -26,7 +26,8 @@ Membership attacks (:func:`attack_metrics`):
 Low-FPR reporting and comparisons (issue 13): :func:`low_fpr_tpr` (TPR at each FPR with an exact
 Clopper–Pearson interval, or "not measurable: needs >= N non-members"), :func:`paired_bootstrap` (the
 interval of the difference between two attacks scored on the same samples — the only valid way to call
-one better than the other), :func:`significance_statement` (does the AUC interval include 0.5).
+one better than the other), :func:`significance_statement` (does the AUC interval include 0.5, lie above it, or
+below it: an inverted rule).
 
 Leakage statistics: :func:`per_exit_js` (per exit: JS divergence of member vs non-member log-loss in
 equal-mass bins, with its permutation baseline, p-value and counts, reported only for exits with enough
@@ -354,8 +355,12 @@ def significance_statement(metrics: dict[str, Any]) -> str:
     lo, hi = auc["ci"]
     if lo <= 0.5 <= hi:
         return f"no significant leakage: AUC {auc['value']:.3f} [{lo:.3f}, {hi:.3f}] includes 0.5"
-    side = "above" if lo > 0.5 else "below"
-    return f"significant: AUC {auc['value']:.3f} [{lo:.3f}, {hi:.3f}] lies {side} 0.5"
+    if lo > 0.5:
+        return f"significant: AUC {auc['value']:.3f} [{lo:.3f}, {hi:.3f}] lies above 0.5"
+    return (f"inverted: AUC {auc['value']:.3f} [{lo:.3f}, {hi:.3f}] lies below 0.5 — the rule fitted on the shadow "
+            f"ranks this target's members below its non-members, so it does not transfer from shadow to target; "
+            f"neither leakage shown nor protection (an attacker without labelled target members cannot know to flip "
+            f"it)")
 
 
 def exit_stealing_metrics(true_exit: np.ndarray, pred_exit: np.ndarray, num_exits: int) -> dict[str, Any]:

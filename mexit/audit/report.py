@@ -131,12 +131,19 @@ def verdict(results: dict[str, Any]) -> list[str]:
         h, o = adv["best_hybrid"], adv["best_original"]
         pair = next((p for p in adv["pairs"] if p["hybrid"] == h["attack"]), None)
         paired = (pair or {}).get("paired", {}).get("auc")
+        best = (adv.get("best_hybrid_vs_best_original") or {}).get("paired", {}).get("auc")
         gain = ""
-        if paired:
-            lo, hi = paired["ci"]
-            gain = (f"; paired difference {paired['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] against its own "
-                    f"original {pair['original']} — " + ("a significant gain" if lo > 0 else "significantly worse"
-                                                        if hi < 0 else "not significant (the interval includes 0)"))
+        if best and pair and pair["original"] != o["attack"]:
+            # its own original is not the best one: what the exit adds is measured against the best
+            gain = f"; paired difference {_paired_text(best)} against that best original"
+            own = adv["attacks"].get(pair["original"], {})
+            if paired:
+                gain += f", {_paired_text(paired)} against its own original {pair['original']}"
+                if auc_reading(own) == "inverted":
+                    gain += (f" — whose AUC {_val(own, 'auc'):.2f} lies below 0.5 (inverted: its shadow-fitted rule "
+                             "does not transfer), so that gain is the original's failure, not the exit's information")
+        elif paired:
+            gain = f"; paired difference {_paired_text(paired)} against its own original {pair['original']}"
         lines.append(
             f"Adversary {adv['adversary']} ({adv['description']}): best hybrid attack {h['attack']} AUC {h['auc']:.2f} "
             f"vs {o['auc']:.2f} for the best original attack {o['attack']}{gain}."
@@ -178,6 +185,14 @@ def verdict(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _paired_text(paired: dict[str, Any]) -> str:
+    """A paired AUC difference with its interval and what the interval says."""
+    lo, hi = paired["ci"]
+    reading = "a significant gain" if lo > 0 else "significantly worse" if hi < 0 else \
+        "not significant (the interval includes 0)"
+    return f"{paired['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] — {reading}"
+
+
 def _low_fpr(entry: dict[str, Any], fpr: str) -> str:
     """TPR at a low FPR with its exact interval, or why it cannot be measured on this many non-members."""
     row = entry["low_fpr"][fpr]
@@ -188,6 +203,21 @@ def _low_fpr(entry: dict[str, Any], fpr: str) -> str:
 
 def _ci_text(ci: list[float] | None) -> str:
     return "" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def auc_reading(entry: dict[str, Any]) -> str:
+    """What an attack's AUC interval says, in a word: ``leaks`` (above 0.5), ``n.s.`` (includes it), ``inverted``
+    (below it: the shadow-fitted rule ranks the target's members lower, see ``significance_statement``)."""
+    ci = (entry.get("auc") or {}).get("ci")
+    if not ci:
+        return "no CI"
+    return "leaks" if ci[0] > 0.5 else "inverted" if ci[1] < 0.5 else "n.s."
+
+
+INVERTED_NOTE = ("inverted: the AUC's whole interval lies below 0.5 — the rule fitted on the shadow ranks this "
+                 "target's members below its non-members, so it does not transfer from shadow to target. That is "
+                 "neither leakage shown nor protection: an attacker without labelled target members cannot know to "
+                 "flip it.")
 
 
 def _best_stealer(st: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
@@ -217,17 +247,24 @@ def _pct(v: float | None) -> str:
 def summary_table(results: dict[str, Any]) -> str:
     """A short plain-text summary for the terminal: verdict, attacks per adversary, TimeGuard."""
     out = ["", *verdict(results), ""]
-    header = f"{'adversary':<10}{'attack':<20}{'AUC':>8}{'ASR':>8}{'TPR@1%':>9}"
+    header = f"{'adversary':<10}{'attack':<20}{'AUC':>8}{'95% CI':>16}{'reading':>10}{'ASR':>8}{'TPR@1%':>9}"
     out.append(header)
     out.append("-" * len(header))
+    inverted = False
     for key, adv in sorted((results.get("adversaries") or {}).items()):
         for name, entry in adv["attacks"].items():
             if "error" in entry:
                 out.append(f"{key:<10}{name:<20}{'failed: ' + entry['error'][:40]:>25}")
                 continue
             tpr = entry["tpr_at_fpr"].get("0.01", {}).get("value")
-            out.append(f"{key:<10}{name:<20}{_fmt(_val(entry, 'auc')):>8}{_fmt(_val(entry, 'balanced_accuracy')):>8}"
-                       f"{_fmt(tpr):>9}")
+            ci = (entry.get("auc") or {}).get("ci")
+            reading = auc_reading(entry)
+            inverted |= reading == "inverted"
+            out.append(f"{key:<10}{name:<20}{_fmt(_val(entry, 'auc')):>8}"
+                       f"{(f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '–'):>16}{reading:>10}"
+                       f"{_fmt(_val(entry, 'balanced_accuracy')):>8}{_fmt(tpr):>9}")
+    out.append("(reading: leaks = AUC interval above 0.5; n.s. = it includes 0.5"
+               + ("; " + INVERTED_NOTE + ")" if inverted else ")"))
     block = results.get("defenses")
     if block:
         out.append("")
@@ -595,16 +632,22 @@ def render_html(results: dict[str, Any], figures: dict[str, str]) -> str:
         rows = []
         for name, e in adv["attacks"].items():
             if "error" in e:
-                rows.append([name, "failed: " + e["error"], "", "", ""])
+                rows.append([name, "failed: " + e["error"], "", "", "", ""])
                 continue
-            rows.append([name, _ci(e, "auc"), _ci(e, "balanced_accuracy"), _low_fpr(e, "0.01"),
+            rows.append([name, _ci(e, "auc"), auc_reading(e), _ci(e, "balanced_accuracy"), _low_fpr(e, "0.01"),
                          _low_fpr(e, "0.001")])
-        parts.append(_table(["attack", "AUC [95% CI]", "ASR (balanced acc.) [95% CI]", "TPR@1% FPR [exact CI]",
-                             "TPR@0.1% FPR [exact CI]"], rows))
+        parts.append(_table(["attack", "AUC [95% CI]", "reading", "ASR (balanced acc.) [95% CI]",
+                             "TPR@1% FPR [exact CI]", "TPR@0.1% FPR [exact CI]"], rows))
+        if any(r[2] == "inverted" for r in rows):
+            parts.append(f"<p class='muted'>{html.escape(INVERTED_NOTE)}</p>")
         prs = [p for p in adv["pairs"] if p.get("paired")]
+        best = adv.get("best_hybrid_vs_best_original")
+        if best and best.get("paired") and not any(
+                (p["hybrid"], p["original"]) == (best["hybrid"], best["original"]) for p in prs):
+            prs.append({**best, "label": f"best hybrid {best['hybrid']} − best original {best['original']}"})
         if prs:
             parts.append(_table(["hybrid vs its original", "AUC difference [paired 95% CI]", "significant"], [
-                [f"{p['hybrid']} − {p['original']}",
+                [p.get("label") or f"{p['hybrid']} − {p['original']}",
                  f"{p['paired']['auc']['difference']:+.3f} [{p['paired']['auc']['ci'][0]:+.3f}, "
                  f"{p['paired']['auc']['ci'][1]:+.3f}]", "yes" if p["paired"]["auc"]["significant"] else "no"]
                 for p in prs]))

@@ -304,6 +304,7 @@ class GuardedRuntime:
         self.refit_margin_s = 0.0
         self.relaxes = 0
         self._shifts_s = np.zeros(runtime.num_exits)  # each exit's live shift in the schedule in force
+        self._history: list[dict[str, Any]] = []  # one entry per refit: when, the counts before it, what it set
         logger.info("GuardedRuntime clean times per exit (ms, %s): %s", method,
                     np.array2string(times * 1e3, precision=3))
 
@@ -335,39 +336,41 @@ class GuardedRuntime:
         """Calibrated per-exit clean times in seconds (a copy)."""
         return self._fitted[1].copy()
 
-    def _infer(self, x: np.ndarray, full_depth: bool) -> tuple[Prediction, int, int]:
-        """Prediction, the batch's release offset in ns (the latest per-sample target) and when compute began."""
+    def _infer(self, x: np.ndarray, full_depth: bool) -> tuple[Prediction, int, int, float | None]:
+        """Prediction, the batch's release offset in ns (the latest per-sample target), when compute began, and the
+        live time (s) the refit learns from: compute and keyed target of a batch-1 request, None for others."""
         start = time.perf_counter_ns()
         pred = self._runtime.predict(x, full_depth=full_depth)
         if len(pred) == 0:
-            return pred, 0, start
+            return pred, 0, start, None
         policy, clean_s = self._fitted
         targets = policy.target_latency_s(np.asarray(x), pred.exit_index, clean_s)
-        if self._adaptive and len(pred) == 1 and not full_depth:
-            k = int(pred.exit_index[0])
-            self._live[k].append((time.perf_counter_ns() - start) / _NS)
-            self._window_exits[k] += 1
-            if self._relax_exits is not None:
-                self._relax_exits[k] += 1
-        return pred, round(float(np.max(targets)) * _NS), start
+        live = (time.perf_counter_ns() - start) / _NS if self._adaptive and len(pred) == 1 and not full_depth else None
+        return pred, round(float(np.max(targets)) * _NS), start, live
 
     def _release_ns(self, arrival: int, start: int, offset: int) -> int:
         return (max(arrival, start) if self.release_from == "compute" else arrival) + offset
 
-    def _count(self, release_ns: int, pred: Prediction) -> None:
+    def _count(self, release_ns: int, pred: Prediction, live_s: float | None) -> None:
         """Count the request, and an overrun when compute finished after the release time (which may start a
-        refit, see ``adapt``), each also under the request's deepest exit."""
+        refit, see ``adapt``), each also under the request's deepest exit; keep ``live_s`` for the refit. All under
+        the lock, so concurrent requests neither lose counts nor interleave with a refit reading them."""
         late = time.perf_counter_ns() - release_ns
         over = late > 0
-        self.requests += 1
-        self.overruns += over
-        if len(pred):
-            k = int(np.max(pred.exit_index))
-            self._requests_by_exit[k] += 1
-            self._overruns_by_exit[k] += over
-        if not self._adaptive:
-            return
         with self._refit_lock:
+            self.requests += 1
+            self.overruns += over
+            if len(pred):
+                k = int(np.max(pred.exit_index))
+                self._requests_by_exit[k] += 1
+                self._overruns_by_exit[k] += over
+                if live_s is not None:  # batch 1: k is the request's exit
+                    self._live[k].append(live_s)
+                    self._window_exits[k] += 1
+                    if self._relax_exits is not None:
+                        self._relax_exits[k] += 1
+            if not self._adaptive:
+                return
             self._since_refit.add(over, self._in_flight)
             self._window.add(over, self._in_flight)
             if over and len(self._excess) < LIVE_SAMPLES:
@@ -432,14 +435,19 @@ class GuardedRuntime:
                                                                                          strict=True)], base.counts)
             policy = copy.deepcopy(self._fitted[0])
             policy.fit(clean)  # type: ignore[attr-defined]
-            self._fitted = (policy, clean.medians())
-            self.clean_times = clean
-            self.refit_margin_s = margin
-            self._shifts_s = shifts
-            self.refits += 1
-            self.relaxes += relax
-            if relax:
-                self._relax_exits = [0] * len(base.samples)
+            with self._refit_lock:  # swapped in as a whole, between two requests' counts
+                self._history.append({"relax": relax, "at_request": self.requests,
+                                      "overruns_per_exit_before": list(self._overruns_by_exit),
+                                      "requests_per_exit_before": list(self._requests_by_exit),
+                                      "live_shift_s": shifts.tolist(), "margin_s": margin})
+                self._fitted = (policy, clean.medians())
+                self.clean_times = clean
+                self.refit_margin_s = margin
+                self._shifts_s = shifts
+                self.refits += 1
+                self.relaxes += relax
+                if relax:
+                    self._relax_exits = [0] * len(base.samples)
             logger.info("GuardedRuntime %s on %d live samples (refit %d, margin %.3f ms)",
                         "relaxed its schedule after quiet windows" if relax else "refitted after overruns",
                         sum(len(v) for v in live), self.refits, margin * 1e3)
@@ -483,9 +491,9 @@ class GuardedRuntime:
         arrival = time.perf_counter_ns() if arrival_ns is None else int(arrival_ns)
         self._enter()
         try:
-            pred, offset, start = self._infer(x, full_depth)
+            pred, offset, start, live = self._infer(x, full_depth)
             release = self._release_ns(arrival, start, offset)
-            self._count(release, pred)
+            self._count(release, pred, live)
             while (remaining := release - time.perf_counter_ns()) > SPIN_NS:
                 time.sleep((remaining - SPIN_NS) / _NS)
             _spin_until(release)
@@ -500,9 +508,9 @@ class GuardedRuntime:
         arrival = time.perf_counter_ns() if arrival_ns is None else int(arrival_ns)
         self._enter()
         try:
-            pred, offset, start = await asyncio.to_thread(self._infer, x, full_depth)
+            pred, offset, start, live = await asyncio.to_thread(self._infer, x, full_depth)
             release = self._release_ns(arrival, start, offset)
-            self._count(release, pred)
+            self._count(release, pred, live)
             while (remaining := release - time.perf_counter_ns()) > 2 * SPIN_NS:
                 await asyncio.sleep((remaining - 2 * SPIN_NS) / _NS)
             if release > time.perf_counter_ns():  # the last stretch in a worker thread, not blocking the loop
@@ -519,7 +527,8 @@ class GuardedRuntime:
                "overruns_per_exit": list(self._overruns_by_exit), "adapt": self._adaptive, "refits": self.refits,
                "relaxes": self.relaxes, "refit_margin_s": self.refit_margin_s,
                "live_shift_s": self._shifts_s.tolist(),
-               "live_samples": [len(d) for d in self._live]}
+               "live_samples": [len(d) for d in self._live],
+               "refit_history": [dict(h) for h in self._history]}
         if self.clean_times is not None:
             out["clean_time_quantiles"] = self.clean_times.describe()
         return out

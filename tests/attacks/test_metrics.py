@@ -231,6 +231,10 @@ def test_significance_statement() -> None:
     assert significance_statement(null).startswith("no significant leakage")
     real = attack_metrics(member, 1 / (1 + np.exp(-(rng.normal(size=300) + 2 * member))), n_bootstrap=300)
     assert significance_statement(real).startswith("significant: AUC")
+    # a rule that ranks members lower (fitted on a shadow it does not transfer from) is not called leakage
+    flipped = attack_metrics(member, 1 / (1 + np.exp(rng.normal(size=300) + 2 * member)), n_bootstrap=300)
+    assert significance_statement(flipped).startswith("inverted: AUC")
+    assert "does not transfer" in significance_statement(flipped)
 
 
 def test_per_exit_js_does_not_collapse_and_has_a_baseline() -> None:

@@ -75,6 +75,52 @@ def test_verdict_and_summary_table_state_the_headline_numbers(tiny_run):
     assert gains and all(f"{g:.3f}" in table for g in gains)
 
 
+def test_each_attack_is_read_from_its_interval_and_an_inverted_rule_is_explained(tiny_run):
+    import copy
+
+    from mexit.audit.report import INVERTED_NOTE, auc_reading
+
+    _, results = tiny_run
+    assert auc_reading({"auc": {"value": 0.6, "ci": [0.55, 0.65]}}) == "leaks"
+    assert auc_reading({"auc": {"value": 0.5, "ci": [0.45, 0.55]}}) == "n.s."
+    assert auc_reading({"auc": {"value": 0.42, "ci": [0.36, 0.48]}}) == "inverted"
+    assert auc_reading({"auc": {"value": 0.42, "ci": None}}) == "no CI"
+    flipped = copy.deepcopy(results)
+    adv = next(iter(flipped["adversaries"].values()))
+    name, entry = next((n, e) for n, e in adv["attacks"].items() if "error" not in e)
+    entry["auc"] = {"value": 0.42, "ci": [0.36, 0.48]}
+    table = summary_table(flipped)
+    row = next(line for line in table.splitlines() if f" {name} " in f" {line} " and "[0.360, 0.480]" in line)
+    assert "inverted" in row
+    assert INVERTED_NOTE in table
+    page = render_html(flipped, {})
+    assert ">inverted<" in page and "does not transfer from shadow to target" in page
+
+
+def test_a_hybrid_gain_over_an_inverted_original_is_not_sold_as_the_exits_information(tiny_run):
+    import copy
+
+    _, results = tiny_run
+    adv = results["adversaries"][str(max(int(k) for k in results["adversaries"]))]
+    assert "best_hybrid_vs_best_original" in adv  # written by the audit
+    r = copy.deepcopy(results)
+    adv = r["adversaries"][str(max(int(k) for k in r["adversaries"]))]
+    template = next(e for e in adv["attacks"].values() if "error" not in e)
+    adv["attacks"]["score"] = {**template, "auc": {"value": 0.42, "ci": [0.36, 0.48]}}
+    adv["attacks"]["loss"] = {**template, "auc": {"value": 0.56, "ci": [0.50, 0.62]}}
+    adv["best_original"] = {"attack": "loss", "auc": 0.56, "balanced_accuracy": 0.51}
+    adv["best_hybrid"] = {"attack": "score-hybrid", "auc": 0.56, "balanced_accuracy": 0.52}
+    gain = {"difference": 0.138, "ci": [0.037, 0.247], "significant": True}
+    adv["pairs"] = [{"hybrid": "score-hybrid", "original": "score", "paired": {"auc": gain}}]
+    adv["best_hybrid_vs_best_original"] = {"hybrid": "score-hybrid", "original": "loss", "paired": {
+        "auc": {"difference": 0.008, "ci": [-0.03, 0.05], "significant": False}}}
+    line = next(x for x in verdict(r) if x.startswith(f"Adversary {adv['adversary']}"))
+    assert "+0.008 [-0.030, +0.050] — not significant (the interval includes 0) against that best original" in line
+    assert "+0.138 [+0.037, +0.247] — a significant gain against its own original score" in line
+    assert "inverted" in line and "not the exit's information" in line
+    assert "best hybrid score-hybrid − best original loss" in render_html(r, {})
+
+
 def test_the_deployed_backend_is_shown_with_its_own_options(tiny_run):
     _, results = tiny_run
     assert "Deployment: in-process on onnxruntime, exposes" in render_html(results, {})

@@ -210,8 +210,15 @@ def test_a_fitted_policy_refits_on_live_times_after_overruns(adapt: bool) -> Non
         assert guarded.policy.release_s > max(release_before, EXIT_TIMES_S[2] + 0.003)
         assert last <= 10, (last, guarded.refits, described["refit_margin_s"])  # of 20 exit-2 calls (all without)
         assert described["live_samples"][0] > 0 and described["live_samples"][2] > 0
+        # what each refit did, in order: the first came after the first exit-2 overruns and shifted exit 2 most
+        history = described["refit_history"]
+        assert len(history) == guarded.refits and not history[0]["relax"]
+        assert history[0]["overruns_per_exit_before"][2] >= 2 and history[0]["at_request"] >= 50
+        assert history[0]["live_shift_s"][2] == max(history[0]["live_shift_s"]) > 0
+        assert [h["at_request"] for h in history] == sorted(h["at_request"] for h in history)
     else:
         assert guarded.refits == 0 and last >= 15 and described["live_samples"] == [0, 0, 0]
+        assert described["refit_history"] == []
 
 
 class SerialRuntime(FakeRuntime):

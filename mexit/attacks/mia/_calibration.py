@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 from mexit.attacks.mia.base import balanced_weights
 
@@ -36,7 +37,7 @@ class _Logistic:
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         z = self.coef * (np.asarray(values, dtype=np.float64) - self.mean) / self.std + self.intercept
-        return 1.0 / (1.0 + np.exp(-z))
+        return expit(z)  # scipy's logistic: no overflow warning for scores far from the boundary
 
     def value_at(self, p: float) -> float:
         """The value where the calibrated probability crosses ``p`` (±inf for a constant model)."""
