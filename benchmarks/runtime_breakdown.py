@@ -181,8 +181,9 @@ def nesting_split(bundle_dir: Path, tmp: Path, threads: int, x: np.ndarray, full
         "nested_if_depthwise_skip": nested_backbone(bundle_dir, tmp, threads, "depthwise")[-1],
         "nested_if_unrouted_skip": nested_backbone(bundle_dir, tmp, threads, "none")[-1],
     }
+    # the skip routings change only the order of float additions: logits agree to rounding, not bit for bit
     outputs = {name: np.asarray(job(x)[0]) for name, job in jobs.items() if name.startswith("nested")}
-    same = all(np.array_equal(v, outputs["nested_if"]) for v in outputs.values())
+    differences = {name: float(np.abs(v - outputs["nested_if"]).max()) for name, v in outputs.items()}
     for job in jobs.values():
         for _ in range(20):
             job(x)
@@ -197,7 +198,7 @@ def nesting_split(bundle_dir: Path, tmp: Path, threads: int, x: np.ndarray, full
                 t[i] = time.perf_counter_ns() - t0
             per_round[names[j]].append(float(np.median(t)) / 1e3)
     base = np.array(per_round["full_depth_graph"])
-    return {"rounds": rounds, "calls_per_round": calls, "nested_outputs_identical": same,
+    return {"rounds": rounds, "calls_per_round": calls, "nested_max_abs_logit_difference": differences,
             "median_us": {n: float(np.median(v)) for n, v in per_round.items()},
             "over_full_graph_us": {n: {"median": float(np.median(np.array(v) - base)),
                                        "per_round": (np.array(v) - base).tolist()}
