@@ -46,9 +46,15 @@ def served_defense_note(state: dict[str, Any] | None) -> str | None:
     text += ")"
     if state.get("adapt"):
         shifts = ", ".join(f"{1e3 * v:.2f}" for v in state.get("live_shift_s") or [])
-        text += (f"; it refitted {state.get('refits', 0)} time(s) on live times ({state.get('relaxes', 0)} "
+        history = state.get("refit_history") or []
+        when = (" after requests " + ", ".join(str(h["at_request"]) for h in history)) if history else ""
+        text += (f"; it refitted {state.get('refits', 0)} time(s) on live times{when} ({state.get('relaxes', 0)} "
                  f"relaxation(s)), ending with a margin of {1e3 * float(state.get('refit_margin_s', 0)):.2f} ms and "
                  f"live shifts per exit of [{shifts}] ms")
+        if history:
+            first = history[0]["overruns_per_exit_before"]
+            text += (f"; {sum(first)} of the overruns came before the first refit, while the start-up schedule "
+                     "was in force")
     if state.get("bayes_bound") is not None:
         text += f"; its schedule's own Bayes bound {float(state['bayes_bound']):.3f}"
     if state.get("earliest_release_s") is not None:

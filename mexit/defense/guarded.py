@@ -23,10 +23,10 @@ import inspect
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -62,6 +62,11 @@ REFIT_OVERRUNS = 2
 # chasing them tripled the added latency (+3.8-5.0 ms against +2.4-2.5 ms) for little (oracle 0.19-0.21).
 MARGIN_MIN_REQUESTS = 200
 MARGIN_OVERRUN_RATE = 0.01
+# ...except when one exit overruns in EXIT_REFIT_SHARE of its requests (at least REFIT_OVERRUNS times, over at least
+# REFIT_MIN_REQUESTS requests in all): then its shift is wrong, not the tail, and the guard refits at once. The first
+# refit comes after ~50 requests, when a deep exit has a handful of live times, and its shift can fall short: in three
+# Location audits the slowest exit then overran in 18-21 of its next 28 answers until the 200-request rule refitted.
+EXIT_REFIT_SHARE = 0.25
 # Relaxing: a load spike grows the margin and the live shift; a relaxation undoes it once the spike is over. After
 # the first refit requests are also counted in windows of MARGIN_MIN_REQUESTS (or WINDOW_MAX_NS once they hold
 # REFIT_MIN_REQUESTS, so that a schedule a spike made slow is not also slow to relax). A relaxation takes three
@@ -205,15 +210,36 @@ class _Tally:
     requests: int = 0
     overruns: int = 0
     in_flight: int = 0
+    exit_requests: Counter[int] = field(default_factory=Counter)  # under each request's deepest exit
+    exit_overruns: Counter[int] = field(default_factory=Counter)
 
-    def add(self, over: bool, in_flight: int) -> None:
+    def add(self, over: bool, in_flight: int, exit_k: int | None = None) -> None:
         self.requests += 1
         self.overruns += over
         self.in_flight += in_flight
+        if exit_k is not None:
+            self.exit_requests[exit_k] += 1
+            self.exit_overruns[exit_k] += over
+
+    def an_exit_overruns(self, at_least: int, share: float) -> bool:
+        """Whether some exit overran at least ``at_least`` times and in at least ``share`` of its requests."""
+        return any(o >= at_least and o >= share * self.exit_requests[k] for k, o in self.exit_overruns.items())
 
     @property
     def mean_in_flight(self) -> float:
         return self.in_flight / max(self.requests, 1)
+
+
+class _Inference(NamedTuple):
+    """One call's prediction; its release offset in ns (the latest per-sample target) and when compute began; the live
+    time (s) the refit learns from (compute and keyed target of a batch-1 request, None for others); and the number
+    of the schedule that timed it."""
+
+    pred: Prediction
+    offset_ns: int
+    start_ns: int
+    live_s: float | None
+    schedule: int
 
 
 def _spin_until(release_ns: int) -> None:
@@ -275,7 +301,8 @@ class GuardedRuntime:
                 raise ConfigError(f"{type(policy).__name__} needs clean-time distributions: pass clean_times "
                                   f"(CleanTimes) or let GuardedRuntime calibrate, not clean_times_s")
             fit(clean)
-        self._fitted = (policy, times)  # the policy and the medians it reads, swapped together by a refit
+        # the policy, the medians it reads and the schedule's number (0, then one more per refit), swapped together
+        self._fitted: tuple[DelayPolicy, np.ndarray, int] = (policy, times, 0)
         self.clean_times = clean
         self.calibration_method = method
         if release_from not in ("compute", "arrival"):
@@ -336,32 +363,36 @@ class GuardedRuntime:
         """Calibrated per-exit clean times in seconds (a copy)."""
         return self._fitted[1].copy()
 
-    def _infer(self, x: np.ndarray, full_depth: bool) -> tuple[Prediction, int, int, float | None]:
-        """Prediction, the batch's release offset in ns (the latest per-sample target), when compute began, and the
-        live time (s) the refit learns from: compute and keyed target of a batch-1 request, None for others."""
+    def _infer(self, x: np.ndarray, full_depth: bool) -> _Inference:
+        """The prediction and what the guard needs to release and count it (see :class:`_Inference`)."""
         start = time.perf_counter_ns()
         pred = self._runtime.predict(x, full_depth=full_depth)
+        policy, clean_s, schedule = self._fitted
         if len(pred) == 0:
-            return pred, 0, start, None
-        policy, clean_s = self._fitted
+            return _Inference(pred, 0, start, None, schedule)
         targets = policy.target_latency_s(np.asarray(x), pred.exit_index, clean_s)
         live = (time.perf_counter_ns() - start) / _NS if self._adaptive and len(pred) == 1 and not full_depth else None
-        return pred, round(float(np.max(targets)) * _NS), start, live
+        return _Inference(pred, round(float(np.max(targets)) * _NS), start, live, schedule)
 
     def _release_ns(self, arrival: int, start: int, offset: int) -> int:
         return (max(arrival, start) if self.release_from == "compute" else arrival) + offset
 
-    def _count(self, release_ns: int, pred: Prediction, live_s: float | None) -> None:
+    def _count(self, release_ns: int, inference: _Inference) -> None:
         """Count the request, and an overrun when compute finished after the release time (which may start a
-        refit, see ``adapt``), each also under the request's deepest exit; keep ``live_s`` for the refit. All under
-        the lock, so concurrent requests neither lose counts nor interleave with a refit reading them."""
+        refit, see ``adapt``), each also under the request's deepest exit; keep its live time for the refit. All under
+        the lock, so concurrent requests neither lose counts nor interleave with a refit reading them. Only requests
+        released by the schedule in force count towards the next refit: one timed by the schedule a refit has
+        replaced says nothing about the new one (counted, such overruns grew the margin by 1.2 ms in a Location
+        audit whose new schedule had not overrun once)."""
         late = time.perf_counter_ns() - release_ns
         over = late > 0
+        pred, live_s = inference.pred, inference.live_s
+        exit_k = int(np.max(pred.exit_index)) if len(pred) else None
         with self._refit_lock:
             self.requests += 1
             self.overruns += over
-            if len(pred):
-                k = int(np.max(pred.exit_index))
+            if exit_k is not None:
+                k = exit_k
                 self._requests_by_exit[k] += 1
                 self._overruns_by_exit[k] += over
                 if live_s is not None:  # batch 1: k is the request's exit
@@ -369,21 +400,25 @@ class GuardedRuntime:
                     self._window_exits[k] += 1
                     if self._relax_exits is not None:
                         self._relax_exits[k] += 1
-            if not self._adaptive:
+            if not self._adaptive or inference.schedule != self._fitted[2]:
                 return
-            self._since_refit.add(over, self._in_flight)
-            self._window.add(over, self._in_flight)
+            self._since_refit.add(over, self._in_flight, exit_k)
+            self._window.add(over, self._in_flight, exit_k)
             if over and len(self._excess) < LIVE_SAMPLES:
                 self._excess.append(late / _NS)
             if self._refitting:
                 return
             # grow: as soon as the schedule in force has overrun a few times (the first refit), later while
-            # overruns since the last refit stay above MARGIN_OVERRUN_RATE
-            n, overran = self._since_refit.requests, self._since_refit.overruns
+            # overruns since the last refit stay above MARGIN_OVERRUN_RATE, or at once when one exit overruns in
+            # EXIT_REFIT_SHARE of its requests (see there)
+            since = self._since_refit
+            n, overran = since.requests, since.overruns
             needed = ((REFIT_OVERRUNS, REFIT_MIN_REQUESTS) if self.refits == 0 else
                       (max(REFIT_OVERRUNS, MARGIN_OVERRUN_RATE * n), MARGIN_MIN_REQUESTS))
             relax = False
-            if overran >= needed[0] and n >= needed[1]:
+            wrong_shift = bool(self.refits) and n >= REFIT_MIN_REQUESTS and since.an_exit_overruns(
+                REFIT_OVERRUNS, EXIT_REFIT_SHARE)
+            if (overran >= needed[0] and n >= needed[1]) or wrong_shift:
                 self._grown_in_flight = self._since_refit.mean_in_flight
             elif not self._window_ended():
                 return
@@ -431,16 +466,25 @@ class GuardedRuntime:
                 before = float(self._shifts_s.max())
                 if before - float(shifts.max()) < max(RELAX_MIN_CHANGE_S, RELAX_DROP_FRACTION * before):
                     return
+            else:  # growing: an exit with too few live times keeps the shift it had, or takes the nearest
+                # shallower exit's, whichever is larger (deeper exits run at least as slowly; with none, exit 2 of a
+                # Location audit overran 5 of its 66 answers)
+                shifts = np.array([s_k if enough[k] else max(
+                    self._shifts_s[k], next((shifts[j] for j in range(k - 1, -1, -1) if enough[j]), 0.0))
+                    for k, s_k in enumerate(shifts)])
             clean = CleanTimes.from_samples([cal + shift + margin for cal, shift in zip(base.samples, shifts,
                                                                                          strict=True)], base.counts)
-            policy = copy.deepcopy(self._fitted[0])
+            policy = copy.deepcopy(self.policy)
             policy.fit(clean)  # type: ignore[attr-defined]
             with self._refit_lock:  # swapped in as a whole, between two requests' counts
                 self._history.append({"relax": relax, "at_request": self.requests,
                                       "overruns_per_exit_before": list(self._overruns_by_exit),
                                       "requests_per_exit_before": list(self._requests_by_exit),
                                       "live_shift_s": shifts.tolist(), "margin_s": margin})
-                self._fitted = (policy, clean.medians())
+                self._fitted = (policy, clean.medians(), self._fitted[2] + 1)
+                # what was counted since the refit began was released by the schedule it replaces: start afresh
+                self._since_refit, self._window, self._excess = _Tally(), _Tally(), []
+                self._window_exits = [0] * len(self._window_exits)
                 self.clean_times = clean
                 self.refit_margin_s = margin
                 self._shifts_s = shifts
@@ -491,9 +535,10 @@ class GuardedRuntime:
         arrival = time.perf_counter_ns() if arrival_ns is None else int(arrival_ns)
         self._enter()
         try:
-            pred, offset, start, live = self._infer(x, full_depth)
-            release = self._release_ns(arrival, start, offset)
-            self._count(release, pred, live)
+            inference = self._infer(x, full_depth)
+            pred = inference.pred
+            release = self._release_ns(arrival, inference.start_ns, inference.offset_ns)
+            self._count(release, inference)
             while (remaining := release - time.perf_counter_ns()) > SPIN_NS:
                 time.sleep((remaining - SPIN_NS) / _NS)
             _spin_until(release)
@@ -508,9 +553,10 @@ class GuardedRuntime:
         arrival = time.perf_counter_ns() if arrival_ns is None else int(arrival_ns)
         self._enter()
         try:
-            pred, offset, start, live = await asyncio.to_thread(self._infer, x, full_depth)
-            release = self._release_ns(arrival, start, offset)
-            self._count(release, pred, live)
+            inference = await asyncio.to_thread(self._infer, x, full_depth)
+            pred = inference.pred
+            release = self._release_ns(arrival, inference.start_ns, inference.offset_ns)
+            self._count(release, inference)
             while (remaining := release - time.perf_counter_ns()) > 2 * SPIN_NS:
                 await asyncio.sleep((remaining - 2 * SPIN_NS) / _NS)
             if release > time.perf_counter_ns():  # the last stretch in a worker thread, not blocking the loop

@@ -184,4 +184,10 @@ def test_the_served_guard_is_described_in_one_sentence():
     for part in ("1500 requests", "15 of them", "(1.0 %, by exit: 0/1000, 5/300, 10/200)", "refitted 2 time(s)",
                  "margin of 0.40 ms", "[0.00, 0.10, 0.20] ms", "Bayes bound 0.177", "earliest release 2.10 ms"):
         assert part in note, (part, note)
+    assert "after requests" not in note  # results written before the refit history existed
+    history = [{"relax": False, "at_request": 54, "overruns_per_exit_before": [0, 2, 7]},
+               {"relax": False, "at_request": 108, "overruns_per_exit_before": [0, 3, 9]}]
+    note = served_defense_note({**state, "refit_history": history})
+    assert "refitted 2 time(s) on live times after requests 54, 108" in note, note
+    assert "9 of the overruns came before the first refit" in note, note
     assert served_defense_note(None) is None and served_defense_note({}) is None
