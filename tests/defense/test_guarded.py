@@ -242,18 +242,24 @@ class SlowRefitPadding(QuantilePadding):
         return super().fit(clean)
 
 
+def _refitted_once(policy: QuantilePadding) -> tuple[SlowerLive, GuardedRuntime, np.ndarray]:
+    """A guard calibrated on SlowerLive, then served 60 live requests (exits 0 and 2): its first refit is done."""
+    rt = SlowerLive()
+    guarded = GuardedRuntime(rt, policy, calibration_inputs=inputs_for_exits([0, 1, 2]), repeats=20)
+    rt.live = True
+    x = inputs_for_exits([0, 2, 0, 2])
+    _serve(guarded, x, 60)
+    _settled(guarded, 1)
+    return rt, guarded, x
+
+
 def test_overruns_under_a_replaced_schedule_do_not_grow_the_next_one() -> None:
     """While a refit runs, requests are released by the old schedule and overrun it; those overruns say nothing about
     the new schedule, so they must not trigger the next refit nor grow its margin (they grew a Location audit's margin
     by 1.2 ms although the new schedule never overran). Every later growing refit follows overruns of its own."""
     from mexit.defense.guarded import REFIT_OVERRUNS
 
-    rt = SlowerLive()
-    guarded = GuardedRuntime(rt, SlowRefitPadding(0.99), calibration_inputs=inputs_for_exits([0, 1, 2]), repeats=20)
-    rt.live = True
-    x = inputs_for_exits([0, 2, 0, 2])
-    _serve(guarded, x, 60)
-    _settled(guarded, 1)
+    _, guarded, x = _refitted_once(SlowRefitPadding(0.99))
     _serve(guarded, x, 250)
     _settled(guarded, 1)
     history = guarded.describe()["refit_history"]
@@ -262,6 +268,24 @@ def test_overruns_under_a_replaced_schedule_do_not_grow_the_next_one() -> None:
         if not after["relax"]:
             assert sum(after["overruns_per_exit_before"]) - sum(before["overruns_per_exit_before"]) >= REFIT_OVERRUNS, \
                 history
+
+
+def test_an_exit_that_keeps_overrunning_refits_at_once_without_growing_the_margin() -> None:
+    """After the first refit the deepest exit slows down further: it overruns in far more than a quarter of its
+    answers, so the guard refits within ~50 requests instead of waiting for the 200-request rule, re-measures that
+    exit's shift and leaves the common margin alone (a wrong shift is not a tail)."""
+    from mexit.defense.guarded import EXIT_REFIT_SHARE, MARGIN_MIN_REQUESTS
+
+    assert EXIT_REFIT_SHARE <= 0.5
+    rt, guarded, x = _refitted_once(QuantilePadding(0.99))
+    assert guarded.refits == 1
+    rt.exit_times_s = (*rt.exit_times_s[:-1], rt.exit_times_s[-1] + 0.004)  # exit 2 slower still
+    _serve(guarded, x, 120)
+    _settled(guarded, 2)
+    history = guarded.describe()["refit_history"]
+    assert len(history) >= 2, history
+    assert history[1]["at_request"] - history[0]["at_request"] < MARGIN_MIN_REQUESTS, history
+    assert history[1]["margin_s"] == 0.0 and history[1]["live_shift_s"][2] > history[0]["live_shift_s"][2], history
 
 
 class SerialRuntime(FakeRuntime):
