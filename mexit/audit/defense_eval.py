@@ -81,6 +81,23 @@ def exit_ranking_auc(times: np.ndarray, exits: np.ndarray) -> float | None:
     return float((1.0 + d) / 2.0) if np.isfinite(d) else 0.5
 
 
+def exit_ranking_auc_ci(times: np.ndarray, exits: np.ndarray, *, n_bootstrap: int = 200, seed: int = 0,
+                        level: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap interval of :func:`exit_ranking_auc` over samples (resampled with replacement): whether a
+    live ranking AUC of, say, 0.56 is the guard showing the exits' order or sampling noise. None when the statistic is
+    undefined or ``n_bootstrap`` is 0."""
+    t, ex = np.asarray(times, dtype=np.float64), np.asarray(exits, dtype=np.int64)
+    if n_bootstrap <= 0 or exit_ranking_auc(t, ex) is None:
+        return None
+    rng = np.random.default_rng(seed)
+    values = [v for v in (exit_ranking_auc(t[i], ex[i]) for i in rng.integers(0, len(t), (n_bootstrap, len(t))))
+              if v is not None]
+    if not values:
+        return None
+    tail = 100 * (1 - level) / 2
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
 def _aucs(scores: np.ndarray, member: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """ROC AUC (members positive) of ``scores`` on every bootstrap row of ``idx`` (B, n), vectorised by ranks."""
     s = np.asarray(scores, dtype=np.float64)[idx]
@@ -366,6 +383,8 @@ def live_defense_confirmation(
         "stealer_balanced_accuracy": shipped,
         "oracle_balanced_accuracy": OracleStealer(seed=seed).balanced_accuracy(lat_live, live.true_exit),
         "exit_ranking_auc": exit_ranking_auc(lat_live.min(axis=1), live.true_exit),
+        "exit_ranking_auc_ci": exit_ranking_auc_ci(lat_live.min(axis=1), live.true_exit, n_bootstrap=n_bootstrap,
+                                                   seed=seed),
         "hybrid_gain": membership_gain(hybrid_scores, original_scores or {}, live.member, n_bootstrap=n_bootstrap,
                                        seed=seed),
         "mean_added_ms": (float(after.mean()) - float(before.mean())) * 1e3,

@@ -79,9 +79,16 @@ def live_verdict(live: dict[str, Any], block: dict[str, Any] | None, config: dic
         state = "holds live"
     else:
         state = "does NOT hold live: the deployed defense leaks more than the offline frontier predicted"
+    ranking, ci = live.get("exit_ranking_auc"), live.get("exit_ranking_auc_ci")
+    order = ""
+    if ranking is not None and ci:
+        shows = ("the exits' order still shows in the release times" if ci[0] > 0.5 else
+                 "the release times order the exits the wrong way round" if ci[1] < 0.5 else
+                 "the release times do not order the exits (the interval includes 0.5)")
+        order = f"; exit-ranking AUC {ranking:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]: {shows}"
     return (f"Live check of {live['label']}: oracle stealer balanced accuracy {_fmt(oracle, 2)} (1/K = "
-            f"{_fmt(chance, 2)}, tolerance {tol:g}; offline prediction {_fmt(offline, 2)}) — {state}; mean latency "
-            f"{live['mean_added_ms']:+.3f} ms against an undefended recording made just before it.")
+            f"{_fmt(chance, 2)}, tolerance {tol:g}; offline prediction {_fmt(offline, 2)}) — {state}{order}; mean "
+            f"latency {live['mean_added_ms']:+.3f} ms against an undefended recording made just before it.")
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -189,6 +196,11 @@ def verdict(results: dict[str, Any]) -> list[str]:
             + "; point estimates, see the τ-sweep table for the size of the differences."
         )
     return lines
+
+
+def _with_ci(value: float | None, ci: list[float] | None) -> str | float | None:
+    """``value [lo, hi]`` when an interval is known (results written before it existed have none)."""
+    return value if value is None or not ci else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _paired_text(paired: dict[str, Any]) -> str:
@@ -690,7 +702,8 @@ def render_html(results: dict[str, Any], figures: dict[str, str]) -> str:
         parts.append(_table([f"live: {live['label']}", "measured live", "predicted offline"], [
             ["oracle stealer, balanced accuracy", live.get("oracle_balanced_accuracy"),
              off.get("oracle_balanced_accuracy")],
-            ["exit-ranking AUC", live.get("exit_ranking_auc"), off.get("exit_ranking_auc")],
+            ["exit-ranking AUC [95% CI] (0.5: the exits' order does not show)",
+             _with_ci(live.get("exit_ranking_auc"), live.get("exit_ranking_auc_ci")), off.get("exit_ranking_auc")],
             ["mean added latency (ms)", live.get("mean_added_ms"), off.get("mean_added_ms")]]))
         note = served_defense_note(live.get("served_defense"))
         if note:

@@ -12,6 +12,7 @@ from mexit.attacks.signals import Signals
 from mexit.audit.defense_eval import (
     evaluate_defenses,
     exit_ranking_auc,
+    exit_ranking_auc_ci,
     live_defense_confirmation,
     membership_gain,
 )
@@ -111,3 +112,15 @@ def test_live_defense_confirmation_judges_a_guarded_recording() -> None:
     json.dumps(res)
     assert res["exit_ranking_auc"] == 0.5 and res["oracle_balanced_accuracy"] <= 0.3
     assert res["mean_added_ms"] > 0.5 and res["label"] == "padding(quantile=0.999, margin_ms=0)"
+
+
+def test_exit_ranking_auc_interval_covers_its_value_and_excludes_chance_only_for_a_real_order():
+    rng = np.random.default_rng(0)
+    exits = rng.integers(0, 4, 600)
+    ordered = exits + rng.normal(0, 1.5, 600)  # deeper exits somewhat later
+    lo, hi = exit_ranking_auc_ci(ordered, exits, n_bootstrap=200)
+    assert lo <= exit_ranking_auc(ordered, exits) <= hi and lo > 0.5
+    lo, hi = exit_ranking_auc_ci(rng.normal(size=600), exits, n_bootstrap=200)
+    assert lo < 0.5 < hi
+    assert exit_ranking_auc_ci(ordered, np.zeros(600, dtype=int)) is None
+    assert exit_ranking_auc_ci(ordered, exits, n_bootstrap=0) is None

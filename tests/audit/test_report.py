@@ -172,6 +172,13 @@ def test_live_verdict_says_when_the_defense_does_not_hold_live():
     tight = {**leaky, "oracle_balanced_accuracy": 0.18}
     assert "holds live" in live_verdict(tight, block, cfg) and "NOT" not in live_verdict(tight, block, cfg)
     assert "could not be judged" in live_verdict({**tight, "oracle_balanced_accuracy": None}, None, {})
+    # the exits' order in the release times, read from its interval (absent in results written before it existed)
+    assert "exit-ranking" not in live_verdict(tight, block, cfg)
+    ordered = live_verdict({**tight, "exit_ranking_auc": 0.56, "exit_ranking_auc_ci": [0.52, 0.60]}, block, cfg)
+    assert "exit-ranking AUC 0.56 [0.52, 0.60]: the exits' order still shows" in ordered
+    flat = live_verdict({**tight, "exit_ranking_auc": 0.51, "exit_ranking_auc_ci": [0.47, 0.55]}, block, cfg)
+    assert "do not order the exits (the interval includes 0.5)" in flat
+
 
 
 def test_the_served_guard_is_described_in_one_sentence():
