@@ -270,11 +270,13 @@ class GuardedRuntime:
     batch-1 request's compute and keyed target took per exit, and when the schedule overruns (see
     ``REFIT_*``) it refits a copy of the policy on the calibration samples shifted by each exit's live excess
     (at ``LIVE_QUANTILE``), in a background thread, and swaps it in; while overruns stay above
-    ``MARGIN_OVERRUN_RATE`` a common margin grows at each further refit. Once overruns have stayed rare for a while,
+    ``MARGIN_OVERRUN_RATE`` a common margin grows at each further refit, and one exit overrunning in
+    ``EXIT_REFIT_SHARE`` of its requests refits at once without growing it (its shift was wrong). Only requests
+    released by the schedule in force count towards the next refit. Once overruns have stayed rare for a while,
     with fewer requests in flight than when it last grew (``RELAX_*``), it refits again with a quarter of the margin
     and the live shift of now, so a load spike's cost goes away with the spike. The schedule is refitted as a whole,
     never per request, so it stays a function of the calibration; the refit only keeps the slowest exit's answers
-    from arriving after the schedule's last release.
+    from arriving after the schedule's last release. :meth:`describe` reports every refit (``refit_history``).
     """
 
     def __init__(self, runtime: Runtime, policy: DelayPolicy, *, calibration_inputs: np.ndarray | None = None,
