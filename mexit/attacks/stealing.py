@@ -127,13 +127,15 @@ def isj_bandwidth(data: np.ndarray, grid_points: int = 1 << 14) -> float:
     def fixed_point(t: float) -> float:
         ell = 7
         f = 0.5 * np.pi ** (2 * ell) * np.sum(i_sq**ell * a2 * np.exp(-i_sq * np.pi**2 * t))
-        if not f > 0:
-            return -1.0
         for s in range(ell - 1, 1, -1):
+            if not f > 0:  # the roughness underflowed: t is below the root (t - inf), without dividing by zero
+                return -1.0
             k0 = np.prod(np.arange(1, 2 * s, 2, dtype=np.float64)) / np.sqrt(2 * np.pi)
             const = (1 + 0.5 ** (s + 0.5)) / 3
             time_s = (2 * const * k0 / (n * f)) ** (2 / (3 + 2 * s))
             f = 0.5 * np.pi ** (2 * s) * np.sum(i_sq**s * a2 * np.exp(-i_sq * np.pi**2 * time_s))
+        if not f > 0:
+            return -1.0
         return t - (2 * n * np.sqrt(np.pi) * f) ** (-2 / 5)
 
     n_eff = max(min(1050, n), 50)
