@@ -347,20 +347,31 @@ def paired_bootstrap(member: np.ndarray, scores_a: np.ndarray, scores_b: np.ndar
     return result
 
 
+#: What an AUC interval entirely below 0.5 means for a shadow-fitted attack.
+INVERTED_MEANING = ("the rule fitted on the shadow ranks this target's members below its non-members, so it does not "
+                    "transfer from shadow to target; neither leakage shown nor protection (an attacker without "
+                    "labelled target members cannot know to flip it)")
+
+
+def interval_side(ci: list[float] | tuple[float, float], reference: float) -> str:
+    """Where an interval lies against a reference value: ``"above"``, ``"below"`` or ``"includes"``."""
+    lo, hi = ci
+    return "above" if lo > reference else "below" if hi < reference else "includes"
+
+
 def significance_statement(metrics: dict[str, Any]) -> str:
     """One sentence saying whether an :func:`attack_metrics` result shows leakage (its AUC interval vs 0.5)."""
     auc = metrics["auc"]
     if auc.get("ci") is None:
         return f"AUC {auc['value']:.3f} has no interval (no bootstrap): significance unknown"
     lo, hi = auc["ci"]
-    if lo <= 0.5 <= hi:
-        return f"no significant leakage: AUC {auc['value']:.3f} [{lo:.3f}, {hi:.3f}] includes 0.5"
-    if lo > 0.5:
-        return f"significant: AUC {auc['value']:.3f} [{lo:.3f}, {hi:.3f}] lies above 0.5"
-    return (f"inverted: AUC {auc['value']:.3f} [{lo:.3f}, {hi:.3f}] lies below 0.5 — the rule fitted on the shadow "
-            f"ranks this target's members below its non-members, so it does not transfer from shadow to target; "
-            f"neither leakage shown nor protection (an attacker without labelled target members cannot know to flip "
-            f"it)")
+    text = f"AUC {auc['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+    side = interval_side(auc["ci"], 0.5)
+    if side == "includes":
+        return f"no significant leakage: {text} includes 0.5"
+    if side == "above":
+        return f"significant: {text} lies above 0.5"
+    return f"inverted: {text} lies below 0.5 — {INVERTED_MEANING}"
 
 
 def exit_stealing_metrics(true_exit: np.ndarray, pred_exit: np.ndarray, num_exits: int) -> dict[str, Any]:

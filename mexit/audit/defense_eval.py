@@ -89,13 +89,14 @@ def exit_ranking_auc_ci(times: np.ndarray, exits: np.ndarray, *, n_bootstrap: in
     t, ex = np.asarray(times, dtype=np.float64), np.asarray(exits, dtype=np.int64)
     if n_bootstrap <= 0 or exit_ranking_auc(t, ex) is None:
         return None
-    rng = np.random.default_rng(seed)
-    values = [v for v in (exit_ranking_auc(t[i], ex[i]) for i in rng.integers(0, len(t), (n_bootstrap, len(t))))
-              if v is not None]
-    if not values:
-        return None
-    tail = 100 * (1 - level) / 2
-    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+    def statistic(tb: np.ndarray, eb: np.ndarray) -> float:
+        v = exit_ranking_auc(tb, eb)  # None only when a resample holds a single exit: no order to measure
+        return 0.5 if v is None else v
+
+    res = stats.bootstrap((t, ex), statistic, paired=True, vectorized=False, n_resamples=n_bootstrap,
+                          confidence_level=level, method="percentile", random_state=np.random.default_rng(seed))
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
 def _aucs(scores: np.ndarray, member: np.ndarray, idx: np.ndarray) -> np.ndarray:

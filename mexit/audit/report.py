@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mexit._io import atomic_write_bytes
+from mexit.attacks.metrics import INVERTED_MEANING, interval_side
 from mexit.audit.figures import png_base64
 from mexit.errors import UserError
 
@@ -82,9 +83,10 @@ def live_verdict(live: dict[str, Any], block: dict[str, Any] | None, config: dic
     ranking, ci = live.get("exit_ranking_auc"), live.get("exit_ranking_auc_ci")
     order = ""
     if ranking is not None and ci:
-        shows = ("the exits' order still shows in the release times" if ci[0] > 0.5 else
-                 "the release times order the exits the wrong way round" if ci[1] < 0.5 else
-                 "the release times do not order the exits (the interval includes 0.5)")
+        shows = {"above": "the exits' order still shows in the release times",
+                 "below": "the release times order the exits the wrong way round",
+                 "includes": "the release times do not order the exits (the interval includes 0.5)"}[
+            interval_side(ci, 0.5)]
         order = f"; exit-ranking AUC {ranking:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]: {shows}"
     return (f"Live check of {live['label']}: oracle stealer balanced accuracy {_fmt(oracle, 2)} (1/K = "
             f"{_fmt(chance, 2)}, tolerance {tol:g}; offline prediction {_fmt(offline, 2)}) — {state}{order}; mean "
@@ -206,8 +208,8 @@ def _with_ci(value: float | None, ci: list[float] | None) -> str | float | None:
 def _paired_text(paired: dict[str, Any]) -> str:
     """A paired AUC difference with its interval and what the interval says."""
     lo, hi = paired["ci"]
-    reading = "a significant gain" if lo > 0 else "significantly worse" if hi < 0 else \
-        "not significant (the interval includes 0)"
+    reading = {"above": "a significant gain", "below": "significantly worse",
+               "includes": "not significant (the interval includes 0)"}[interval_side(paired["ci"], 0.0)]
     return f"{paired['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] — {reading}"
 
 
@@ -229,13 +231,10 @@ def auc_reading(entry: dict[str, Any]) -> str:
     ci = (entry.get("auc") or {}).get("ci")
     if not ci:
         return "no CI"
-    return "leaks" if ci[0] > 0.5 else "inverted" if ci[1] < 0.5 else "n.s."
+    return {"above": "leaks", "below": "inverted", "includes": "n.s."}[interval_side(ci, 0.5)]
 
 
-INVERTED_NOTE = ("inverted: the AUC's whole interval lies below 0.5 — the rule fitted on the shadow ranks this "
-                 "target's members below its non-members, so it does not transfer from shadow to target. That is "
-                 "neither leakage shown nor protection: an attacker without labelled target members cannot know to "
-                 "flip it.")
+INVERTED_NOTE = f"inverted: the AUC's whole interval lies below 0.5 — {INVERTED_MEANING}."
 
 
 def _best_stealer(st: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:

@@ -314,10 +314,7 @@ class GuardedRuntime:
         if release_from not in ("compute", "arrival"):
             raise ConfigError(f"release_from must be 'compute' or 'arrival', got {release_from!r}")
         self.release_from = release_from
-        self.requests = 0
-        self.overruns = 0
-        self._requests_by_exit = [0] * runtime.num_exits
-        self._overruns_by_exit = [0] * runtime.num_exits
+        self._total = _Tally()  # every request since start-up, and per deepest exit
         self.refits = 0
         self._calibrated = clean
         self._adaptive = bool(adapt) and callable(fit) and clean is not None
@@ -395,17 +392,12 @@ class GuardedRuntime:
         pred, live_s = inference.pred, inference.live_s
         exit_k = int(np.max(pred.exit_index)) if len(pred) else None
         with self._refit_lock:
-            self.requests += 1
-            self.overruns += over
-            if exit_k is not None:
-                k = exit_k
-                self._requests_by_exit[k] += 1
-                self._overruns_by_exit[k] += over
-                if live_s is not None:  # batch 1: k is the request's exit
-                    self._live[k].append(live_s)
-                    self._window_exits[k] += 1
-                    if self._relax_exits is not None:
-                        self._relax_exits[k] += 1
+            self._total.add(over, self._in_flight, exit_k)
+            if exit_k is not None and live_s is not None:  # batch 1: exit_k is the request's exit
+                self._live[exit_k].append(live_s)
+                self._window_exits[exit_k] += 1
+                if self._relax_exits is not None:
+                    self._relax_exits[exit_k] += 1
             if not self._adaptive or inference.schedule != self._fitted[2]:
                 return
             self._since_refit.add(over, self._in_flight, exit_k)
@@ -487,8 +479,8 @@ class GuardedRuntime:
             policy.fit(clean)  # type: ignore[attr-defined]
             with self._refit_lock:  # swapped in as a whole, between two requests' counts
                 self._history.append({"relax": relax, "at_request": self.requests,
-                                      "overruns_per_exit_before": list(self._overruns_by_exit),
-                                      "requests_per_exit_before": list(self._requests_by_exit),
+                                      "overruns_per_exit_before": self._per_exit(self._total.exit_overruns),
+                                      "requests_per_exit_before": self._per_exit(self._total.exit_requests),
                                       "live_shift_s": shifts.tolist(), "margin_s": margin})
                 self._fitted = (policy, clean.medians(), self._fitted[2] + 1)
                 # what was counted since the refit began was released by the schedule it replaces: start afresh
@@ -523,6 +515,19 @@ class GuardedRuntime:
         self._window_exits = [0] * len(self._window_exits)
         self._window = _Tally()
         return True
+
+    @property
+    def requests(self) -> int:
+        """Requests answered since start-up."""
+        return self._total.requests
+
+    @property
+    def overruns(self) -> int:
+        """Requests whose compute finished after their release time (they left at once, showing their timing)."""
+        return self._total.overruns
+
+    def _per_exit(self, counts: Counter[int]) -> list[int]:
+        return [counts[k] for k in range(self.num_exits)]
 
     def _enter(self) -> None:
         with self._refit_lock:
@@ -578,8 +583,10 @@ class GuardedRuntime:
         """Policy settings and calibration, for reports and provenance (no secrets)."""
         policy = self.policy.describe() if hasattr(self.policy, "describe") else {"policy": type(self.policy).__name__}
         out = {**policy, "clean_times_s": self._fitted[1].tolist(), "calibration": self.calibration_method,
-               "requests": self.requests, "overruns": self.overruns, "requests_per_exit": list(self._requests_by_exit),
-               "overruns_per_exit": list(self._overruns_by_exit), "adapt": self._adaptive, "refits": self.refits,
+               "requests": self.requests, "overruns": self.overruns,
+               "requests_per_exit": self._per_exit(self._total.exit_requests),
+               "overruns_per_exit": self._per_exit(self._total.exit_overruns), "adapt": self._adaptive,
+               "refits": self.refits,
                "relaxes": self.relaxes, "refit_margin_s": self.refit_margin_s,
                "live_shift_s": self._shifts_s.tolist(),
                "live_samples": [len(d) for d in self._live],
