@@ -6,9 +6,12 @@ Runtime thread:
 
 * ``backbone``: the stages' backbones alone (heads cut off with ``onnx.utils.extract_model``) chained by the same
   nested ``If`` nodes as the early-exit graph, leaving at exit k (its condition fed ``True``, the earlier ones
-  ``False``; the exit branch is one ``ReduceMean`` of the features);
+  ``False``; the exit branch is one ``ReduceMean`` of the features), boundaries handed over in ONNX Runtime's
+  blocked layout as the runtime does (:func:`mexit.runtime.layout.hand_over_blocked`, session 11);
 * ``single_float32`` / ``single_int8_heads``: the runtime's single early-exit graph forced to exit k, run with
   ``session.run`` (no runtime Python), heads in float32 / with ``int8_heads`` (:mod:`mexit.runtime.quantize`);
+  ``single_int8_heads_reordered``: the same without the blocked hand-over (every boundary reordered to NCHW and
+  back, as before session 11);
 * ``runtime_int8_heads``: ``EarlyExitRuntime.predict(x, force_exit=k)`` with int8 heads (the Python around it);
 * once: the bundle's full-depth graph (one flat graph, no heads), next to the nested backbone at the last exit —
   what the nesting itself costs.
@@ -21,8 +24,8 @@ the bundle's full-depth graph; the backbone stages concatenated into one flat gr
 rewrites it: a residual stage's skip read through an identity 1×1 convolution, :mod:`mexit.runtime.layout`); the
 same with a ``Reshape`` at every stage boundary, which forces ONNX Runtime out of its blocked (NCHWc) layout and
 back, as an ``If`` boundary does; and the nested ``If`` chain — with the skip routed through the identity
-convolution (the runtime's), through a depthwise 1×1 convolution of ones (a cheaper identity the layout transformer
-also converts), or not routed at all.
+convolution, through a depthwise 1×1 convolution of ones (a cheaper identity the layout transformer also converts),
+or not routed at all, and (session 11, the runtime's default) with the boundaries handed over blocked.
 
 ``at_natural_exits`` turns these into the goal's unit: each sample timed at its own exit under each configuration,
 as realised / FLOPs-predicted speed-up. ``backbone`` is the ceiling if heads, decisions and Python cost nothing.
@@ -54,6 +57,7 @@ from mexit._io import atomic_write_json, provenance
 from mexit.bundle import load_bundle
 from mexit.runtime import EarlyExitRuntime
 from mexit.runtime.backends import _stage_graphs, early_exit_graph, session_options
+from mexit.runtime.layout import hand_over_blocked
 
 
 def _session(model: bytes | Path, threads: int) -> ort.InferenceSession:
@@ -78,21 +82,26 @@ def _depthwise_skips(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def backbone_stages(bundle_dir: Path, tmp: Path, skip: str = "conv") -> list[onnx.ModelProto]:
+def backbone_stages(bundle_dir: Path, tmp: Path, skip: str = "blocked") -> list[onnx.ModelProto]:
     """Each stage's backbone (heads cut off), names prefixed ``s{k}_``, stage k reading stage k-1's features.
-    ``skip``: how a residual stage's skip from its input is routed — ``conv`` (the runtime's identity 1×1
-    convolution), ``depthwise`` (:func:`_depthwise_skips`) or ``none`` (the stages as exported)."""
+    ``skip``: how a residual stage's skip from its input is routed — ``blocked`` (the runtime's default: the identity
+    1×1 convolution, then the stage boundaries handed over in ONNX Runtime's blocked layout,
+    :func:`mexit.runtime.layout.hand_over_blocked`), ``conv`` (the identity convolution alone, reorders at every
+    boundary), ``depthwise`` (:func:`_depthwise_skips`) or ``none`` (the stages as exported)."""
     b = load_bundle(bundle_dir)
     m = b.manifest
     graphs = _stage_graphs(b, skip_conv=skip != "none")
     if skip == "depthwise":
         graphs = [_depthwise_skips(g) for g in graphs]
-    stages = []
+    cuts = []
     for k, (model, e) in enumerate(zip(graphs, m.exits, strict=True)):
         src, cut = tmp / f"stage{k}_{skip}.onnx", tmp / f"stage{k}_{skip}_backbone.onnx"
         onnx.save(model, str(src))
         utils.extract_model(str(src), str(cut), [e.input_name], [e.feature_output or e.logits_output])
-        stages.append(compose.add_prefix(onnx.load(str(cut)), f"s{k}_"))
+        cuts.append(onnx.load(str(cut)))
+    if skip == "blocked":
+        cuts, _ = hand_over_blocked(cuts, [e.feature_output for e in m.exits], [e.input_name for e in m.exits])
+    stages = [compose.add_prefix(model, f"s{k}_") for k, model in enumerate(cuts)]
     for k in range(1, m.model.num_exits):
         src, dst = f"s{k}_{m.exits[k].input_name}", f"s{k - 1}_{m.exits[k - 1].feature_output}"
         for node in stages[k].graph.node:
@@ -106,12 +115,15 @@ def flat_backbone(bundle_dir: Path, tmp: Path, threads: int, *,
     stage boundary: the layout transformer cannot carry its blocked layout through it, so each boundary costs the
     reorder out and back in that an ``If`` boundary costs."""
     m = load_bundle(bundle_dir).manifest
-    stages = backbone_stages(bundle_dir, tmp)
+    stages = backbone_stages(bundle_dir, tmp, "conv")
     nodes, inits = [], []
     for k, stage in enumerate(stages):
         if k and boundary_reorders:
             feature, shape = f"s{k - 1}_{m.exits[k - 1].feature_output}", f"boundary{k}_shape"
-            inits.append(helper.make_tensor(shape, TensorProto.INT64, [4], [0, -1, 0, 0]))  # the same shape
+            out = next(o for o in stages[k - 1].graph.output if o.name == feature)
+            rank = len(out.type.tensor_type.shape.dim) or 4
+            dims = [0, -1, *[0] * (rank - 2)]  # the same shape, whatever the features' rank (FCN: 2)
+            inits.append(helper.make_tensor(shape, TensorProto.INT64, [rank], dims))
             nodes.append(helper.make_node("Reshape", [feature, shape], [f"{feature}_boundary"]))
             for node in stage.graph.node:
                 node.input[:] = [f"{feature}_boundary" if name == feature else name for name in node.input]
@@ -129,7 +141,7 @@ def flat_backbone(bundle_dir: Path, tmp: Path, threads: int, *,
 
 
 def nested_backbone(bundle_dir: Path, tmp: Path, threads: int,
-                    skip: str = "conv") -> list[Callable[[np.ndarray], object]]:
+                    skip: str = "blocked") -> list[Callable[[np.ndarray], object]]:
     """One callable per exit k: the backbone-only stages chained by nested ``If`` nodes as in the early-exit graph,
     leaving at exit k (``skip``: see :func:`backbone_stages`)."""
     m = load_bundle(bundle_dir).manifest
@@ -177,7 +189,8 @@ def nesting_split(bundle_dir: Path, tmp: Path, threads: int, x: np.ndarray, full
         "full_depth_graph": lambda xi: full.run(None, {full_in: xi}),
         "flat_stages": flat_backbone(bundle_dir, tmp, threads, boundary_reorders=False),
         "flat_stages_boundary_reorders": flat_backbone(bundle_dir, tmp, threads, boundary_reorders=True),
-        "nested_if": nested_backbone(bundle_dir, tmp, threads)[-1],
+        "nested_if": nested_backbone(bundle_dir, tmp, threads, "conv")[-1],
+        "nested_if_blocked_handoff": nested_backbone(bundle_dir, tmp, threads, "blocked")[-1],
         "nested_if_depthwise_skip": nested_backbone(bundle_dir, tmp, threads, "depthwise")[-1],
         "nested_if_unrouted_skip": nested_backbone(bundle_dir, tmp, threads, "none")[-1],
     }
@@ -234,9 +247,13 @@ def main() -> None:
     b = load_bundle(args.bundle)
     m = b.manifest
     k_exits = m.model.num_exits
-    singles = {"single_float32": _session(early_exit_graph(b), args.threads),
-               "single_int8_heads": _session(early_exit_graph(b, graphs=_stage_graphs(b, skip_conv=True,
-                                                                                      int8_heads=True)), args.threads)}
+    names = [e.feature_output for e in m.exits], [e.input_name for e in m.exits]
+    int8 = _stage_graphs(b, skip_conv=True, int8_heads=True)
+    singles = {  # as the runtime builds them (boundaries handed over blocked), and int8 without the hand-over
+        "single_float32": _session(early_exit_graph(b, graphs=hand_over_blocked(_stage_graphs(b, skip_conv=True),
+                                                                                *names)[0]), args.threads),
+        "single_int8_heads": _session(early_exit_graph(b, graphs=hand_over_blocked(int8, *names)[0]), args.threads),
+        "single_int8_heads_reordered": _session(early_exit_graph(b, graphs=int8), args.threads)}
     rt = EarlyExitRuntime(args.bundle, threshold=args.threshold, threads=args.threads, int8_heads=True)
     x_in = f"s0_{m.exits[0].input_name}"
     jobs: dict[str, Callable[[np.ndarray], object]] = {}
@@ -253,13 +270,14 @@ def main() -> None:
     split = nesting_split(args.bundle, tmp, args.threads, x[0:1], full, args.split_rounds,
                           np.random.default_rng(args.seed)) if args.split_rounds else None
     med = {name: float(np.median(t, axis=0).mean()) / 1e3 for name, t in times.items()}
-    kinds = ("backbone", "single_float32", "single_int8_heads", "runtime_int8_heads")
+    kinds = ("backbone", "single_float32", "single_int8_heads", "single_int8_heads_reordered", "runtime_int8_heads")
     per_exit = []
     for k in range(k_exits):
         row = {kind: med[f"{kind}/{k}"] for kind in kinds}
         row["heads_decision_nesting_float32_us"] = row["single_float32"] - row["backbone"]
         row["heads_decision_nesting_int8_us"] = row["single_int8_heads"] - row["backbone"]
         row["runtime_python_us"] = row["runtime_int8_heads"] - row["single_int8_heads"]
+        row["blocked_handoff_int8_us"] = row["single_int8_heads"] - row["single_int8_heads_reordered"]
         per_exit.append({"exit": k, **row})
     exits = rt.predict(x).exit_index
     record = {
@@ -278,11 +296,12 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / f"runtime_breakdown_{m.dataset.name}_{m.model.arch}.json"
     atomic_write_json(out, record)
     print(f"{'exit':>4} {'backbone':>9} {'float32':>8} {'int8':>8} {'runtime':>8} | "
-          f"{'+f32':>6} {'+int8':>6} {'python':>6}")
+          f"{'+f32':>6} {'+int8':>6} {'python':>6} {'handoff':>7}")
     for r in per_exit:
         print(f"{r['exit']:>4} {r['backbone']:9.0f} {r['single_float32']:8.0f} {r['single_int8_heads']:8.0f} "
               f"{r['runtime_int8_heads']:8.0f} | {r['heads_decision_nesting_float32_us']:6.0f} "
-              f"{r['heads_decision_nesting_int8_us']:6.0f} {r['runtime_python_us']:6.0f}")
+              f"{r['heads_decision_nesting_int8_us']:6.0f} {r['runtime_python_us']:6.0f} "
+              f"{r['blocked_handoff_int8_us']:7.0f}")
     print(json.dumps(record["nesting"]))
     if split:
         print("nesting split (µs, last exit's path, median over rounds): "

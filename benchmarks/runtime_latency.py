@@ -26,8 +26,12 @@ Measures, all in one run so that machine drift affects every side alike:
 * the same with the internal heads' large layers in int8 (``int8_heads=True``, :mod:`mexit.runtime.quantize`):
   forced-exit latency next to float32, the realised speed-up and throughput, and the exit and label agreement
   with the float32 runtime on the same samples (and both accuracies when the run's labels are there);
-* the realised speed-up and the throughput again with the stages as exported (``skip_conv=False``), i.e.
-  without the rewrite that keeps residual stages in ONNX Runtime's blocked layout (:mod:`mexit.runtime.layout`).
+* the realised speed-up and the throughput again with the stages as exported (``skip_conv=False``,
+  ``blocked_handoff=False``), i.e. without the rewrites that keep residual stages in ONNX Runtime's blocked layout
+  (:mod:`mexit.runtime.layout`);
+* the blocked hand-over between stages (``blocked_handoff``, on by default: stage boundaries pass ONNX Runtime's
+  blocked tensors without reordering them, :func:`mexit.runtime.layout.hand_over_blocked`) against the same runtime
+  without it, float32 and int8 heads: the paired difference in realised/predicted, forced-exit latency and throughput.
 
 Goals: realised/predicted >= 0.9 at batch 1; overhead <= 30 µs per stage; batched gain >= 0.8 x predicted.
 The JSON records the load average before and after (timings on a shared machine are only comparable as
@@ -525,7 +529,8 @@ def main() -> None:
     record["realised_speedup_batch1"] = realised_speedup(rt, x, full, args.repeats, rng)
     record["throughput"] = [batched_throughput(rt, x, full, b, args.repeats * 2) for b in (64, 256)]
     # the same measurements without the blocked-layout rewrite of the stages (mexit.runtime.layout), same run
-    plain = EarlyExitRuntime(bundle_dir, threshold=args.threshold, threads=args.threads, skip_conv=False)
+    plain = EarlyExitRuntime(bundle_dir, threshold=args.threshold, threads=args.threads, skip_conv=False,
+                             blocked_handoff=False)
     plain.warmup(5)
     record["without_skip_conv"] = {
         "realised_speedup_batch1": realised_speedup(plain, x, full, args.repeats, rng),
@@ -539,6 +544,21 @@ def main() -> None:
         "forced_exit_latency_us": forced_exit_latency({"float32": rt, "int8_heads": int8}, x[:1], args.rounds, rng),
         "realised_speedup_batch1": realised_speedup(int8, x, full, args.repeats, rng),
         "throughput": [batched_throughput(int8, x, full, b, args.repeats * 2) for b in (64, 256)]}
+    # stage boundaries handed over in the blocked layout (the default) vs reordered to NCHW and back, same run
+    handoff: dict[str, Any] = {"boundaries_handed_over_blocked": rt.backend.options.get("blocked_handoff")}
+    for label, with_handoff in (("float32", rt), ("int8_heads", int8)):
+        without = EarlyExitRuntime(bundle_dir, threshold=args.threshold, threads=args.threads,
+                                   int8_heads=label == "int8_heads", blocked_handoff=False)
+        without.warmup(5)
+        handoff[label] = {
+            "agreement": agreement(without, with_handoff, x, labels),
+            "realised_over_predicted_vs_without": paired_difference(without, with_handoff, x, full, args.repeats, rng),
+            "forced_exit_latency_us": forced_exit_latency({"without": without, "blocked_handoff": with_handoff},
+                                                          x[:1], args.rounds, rng)}
+        if label == "float32":
+            handoff[label]["throughput_without"] = [batched_throughput(without, x, full, b, args.repeats * 2)
+                                                    for b in (64, 256)]
+    record["blocked_handoff"] = handoff
     record["runtime_wrapper_batch1"] = wrapper_cost(rt, x[:1], rounds=args.rounds)
     record["stage_cost_by_rows"] = stage_cost_by_rows(bare_loop(bundle_dir, opts), x, rounds=max(20, args.rounds // 5))
     record["load_average_1_5_15"] = {"before": list(load_before), "after": list(os.getloadavg()),
@@ -547,7 +567,8 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / name
     atomic_write_json(out, record)
     print(json.dumps({k: record[k] for k in ("arch", "dataset", "batch1", "internal_heads_batch1",
-                                             "realised_speedup_batch1", "throughput", "int8_heads")},
+                                             "realised_speedup_batch1", "throughput", "int8_heads",
+                                             "blocked_handoff")},
                      indent=1))
     print(f"written to {out}")
 
