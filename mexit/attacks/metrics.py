@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -372,6 +373,20 @@ def significance_statement(metrics: dict[str, Any]) -> str:
     if side == "above":
         return f"significant: {text} lies above 0.5"
     return f"inverted: {text} lies below 0.5 — {INVERTED_MEANING}"
+
+
+def exit_balanced_accuracy(true_exit: np.ndarray, pred_exit: np.ndarray) -> float:
+    """Balanced accuracy of stolen exits: the mean recall over the exits the samples really took (chance: 1/K for
+    K exits in use), scikit-learn's ``balanced_accuracy_score``.
+
+    A stealer may name an exit that none of these samples took (a rare exit seen in calibration, a defended
+    release that looks like a deeper exit); that exit has no recall to average, which is the definition wanted
+    here, so scikit-learn's "y_pred contains classes not in y_true" warning is expected and not shown (an audit
+    printed dozens of them).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true", category=UserWarning)
+        return float(balanced_accuracy_score(np.asarray(true_exit), np.asarray(pred_exit)))
 
 
 def exit_stealing_metrics(true_exit: np.ndarray, pred_exit: np.ndarray, num_exits: int) -> dict[str, Any]:

@@ -21,10 +21,10 @@ import warnings
 import numpy as np
 from scipy import stats
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from threadpoolctl import threadpool_limits
 
+from mexit.attacks.metrics import exit_balanced_accuracy
 from mexit.attacks.stealing import TRIM
 from mexit.errors import InputError
 
@@ -100,7 +100,7 @@ class OracleStealer:
     def balanced_accuracy(self, latencies: np.ndarray, true_exits: np.ndarray) -> float:
         """Cross-validated balanced accuracy over the exits in use (chance: 1/K)."""
         y = np.asarray(true_exits, dtype=np.int64)
-        return float(balanced_accuracy_score(y, self.cross_val_predict(latencies, y)))
+        return exit_balanced_accuracy(y, self.cross_val_predict(latencies, y))
 
     def fit_score(self, train_latencies: np.ndarray, train_exits: np.ndarray, test_latencies: np.ndarray,
                   test_exits: np.ndarray) -> float:
@@ -113,4 +113,4 @@ class OracleStealer:
             with threadpool_limits(1, user_api="openmp"):
                 model = self._model().fit(feats[: len(y)], y)
                 pred = model.predict(feats[len(y):])
-        return float(balanced_accuracy_score(np.asarray(test_exits, dtype=np.int64), pred))
+        return exit_balanced_accuracy(np.asarray(test_exits, dtype=np.int64), pred)

@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
+from mexit.attacks.metrics import exit_balanced_accuracy
 from mexit.attacks.oracle import OracleStealer
 from mexit.attacks.signals import Signals
 from mexit.attacks.stealing import steal
@@ -135,7 +136,7 @@ def membership_gain(hybrid_scores: Mapping[str, np.ndarray], original_scores: Ma
 
 
 def _balanced(true_exit: np.ndarray, stolen: np.ndarray) -> float:
-    return float(balanced_accuracy_score(true_exit, stolen))
+    return exit_balanced_accuracy(true_exit, stolen)
 
 
 def _release_cdf(policy: Any, medians: np.ndarray) -> Callable[[int, np.ndarray], np.ndarray]:

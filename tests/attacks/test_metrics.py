@@ -13,6 +13,7 @@ from mexit.attacks.metrics import (
     attack_metrics,
     best_threshold,
     clopper_pearson,
+    exit_balanced_accuracy,
     exit_stealing_metrics,
     js_divergence,
     js_divergence_per_exit,
@@ -260,3 +261,18 @@ def test_per_exit_js_does_not_collapse_and_has_a_baseline() -> None:
     assert rows == per_exit_js(loss, mem, exits, num_exits=4, n_permutations=200, seed=0)
     # the array form now bins log-losses: exit 0 no longer collapses either
     assert js_divergence_per_exit(loss0, member, np.zeros(2 * n, int), num_exits=1)[0] > 0.5
+
+
+def test_exit_balanced_accuracy_averages_recall_over_the_exits_taken_without_sklearn_warnings() -> None:
+    import warnings
+
+    true = np.array([0, 0, 0, 1, 1, 3])
+    pred = np.array([0, 0, 2, 1, 0, 3])  # exit 2 is named but nobody took it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the expected scikit-learn warning is not shown
+        value = exit_balanced_accuracy(true, pred)
+    assert value == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    with pytest.warns(UserWarning, match="y_pred contains classes not in y_true"):  # what it keeps quiet
+        from sklearn.metrics import balanced_accuracy_score
+
+        assert balanced_accuracy_score(true, pred) == pytest.approx(value)
