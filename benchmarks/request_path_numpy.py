@@ -8,6 +8,10 @@ full-depth graph in blocks (:func:`runtime_latency.blocked_per_sample`, fresh ra
 is reported as realised / FLOPs-predicted speed-up on the samples' natural exits, with their paired difference per
 repeat. The two paths take the same exits and labels (checked).
 
+``thresholds_fed`` (session 11): the graph-only path as it was before the graphs' threshold inputs got the bundle's
+threshold as their default — every request feeding one float32 scalar per internal exit besides its input — paired
+the same way (``graph_only_minus_thresholds_fed``).
+
     python benchmarks/request_path_numpy.py --run RUN_DIR --bundle BUNDLE [--threshold T] [--int8-heads] [--out …]
 """
 
@@ -48,6 +52,13 @@ def with_numpy_around_run(rt: EarlyExitRuntime) -> EarlyExitRuntime:
     return rt
 
 
+def with_thresholds_fed(rt: EarlyExitRuntime) -> EarlyExitRuntime:
+    """``rt`` feeding every threshold input on every request, as before the graphs defaulted them."""
+    rt._tau_feeds[None] = {f"mexit_tau{j}": np.array(rt.policy.threshold, dtype=np.float32)
+                           for j in range(rt.num_exits - 1)}
+    return rt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_test_split_options(parser, samples=400, repeats=7)
@@ -58,10 +69,13 @@ def main() -> None:
     opts = {"int8_heads": True} if args.int8_heads else {}
     graph_only = EarlyExitRuntime(args.bundle, threshold=args.threshold, **opts)
     numpy_around = with_numpy_around_run(EarlyExitRuntime(args.bundle, threshold=args.threshold, **opts))
+    fed = with_thresholds_fed(EarlyExitRuntime(args.bundle, threshold=args.threshold, **opts))
     a, b = graph_only.predict(x[:1]), numpy_around.predict(x[:1])
     same = all(
         np.array_equal(p.exit_index, q.exit_index) and np.array_equal(p.labels, q.labels)
-        for p, q in ((graph_only.predict(x[i : i + 1]), numpy_around.predict(x[i : i + 1])) for i in range(len(x)))
+        and np.array_equal(p.exit_index, r.exit_index)
+        for p, q, r in ((graph_only.predict(x[i : i + 1]), numpy_around.predict(x[i : i + 1]),
+                         fed.predict(x[i : i + 1])) for i in range(len(x)))
     ) and a.labels.dtype == b.labels.dtype
     full = ort.InferenceSession(str(graph_only.bundle.full_path), session_options(), providers=["CPUExecutionProvider"])
     in_name = full.get_inputs()[0].name
@@ -70,15 +84,21 @@ def main() -> None:
     full_flops = float(graph_only.manifest.exits[-1].cumulative_flops)
     t = blocked_per_sample({"graph_only": lambda xi: graph_only.predict(xi),
                             "numpy_around_run": lambda xi: numpy_around.predict(xi),
+                            "thresholds_fed": lambda xi: fed.predict(xi),
                             "full_graph": lambda xi: full.run(None, {in_name: xi})},
                            x, args.repeats, np.random.default_rng(args.seed))
 
     def ratio(f: np.ndarray, e: np.ndarray) -> float:
         return _ratio_of_means(f, e, costs, full_flops)
 
-    paths = {name: over_repeats(ratio, t["full_graph"], t[name]) for name in ("graph_only", "numpy_around_run")}
-    diff = over_repeats(lambda f, old, new: ratio(f, new) - ratio(f, old), t["full_graph"], t["numpy_around_run"],
-                        t["graph_only"])
+    paths = {name: over_repeats(ratio, t["full_graph"], t[name])
+             for name in ("graph_only", "numpy_around_run", "thresholds_fed")}
+
+    def gain(f: np.ndarray, old: np.ndarray, new: np.ndarray) -> float:
+        return ratio(f, new) - ratio(f, old)
+
+    diff = over_repeats(gain, t["full_graph"], t["numpy_around_run"], t["graph_only"])
+    diff_fed = over_repeats(gain, t["full_graph"], t["thresholds_fed"], t["graph_only"])
     m = graph_only.manifest
     record = {
         "benchmark": "request_path_numpy", "run": str(args.run), "bundle": str(args.bundle), "arch": m.model.arch,
@@ -87,6 +107,7 @@ def main() -> None:
         "mean_latency_us": {name: float(np.median(v, axis=0).mean()) / 1e3 for name, v in t.items()},
         "realised_over_predicted": paths,
         "graph_only_minus_numpy_around_run": diff,
+        "graph_only_minus_thresholds_fed": diff_fed,
         "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()},
         "provenance": provenance(seed=args.seed),
     }
@@ -96,6 +117,8 @@ def main() -> None:
                       "realised_over_predicted": {k: round(v["value"], 3) for k, v in paths.items()},
                       "difference": round(diff["value"], 4),
                       "difference_per_repeat": [round(d, 4) for d in diff["per_repeat"]],
+                      "difference_vs_thresholds_fed": round(diff_fed["value"], 4),
+                      "difference_vs_thresholds_fed_per_repeat": [round(d, 4) for d in diff_fed["per_repeat"]],
                       "same_exits_and_labels": same}))
     print(f"written to {out}")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mexit.runtime.onnx_parts import default_opset, max_prob_nodes, merged_opsets
+from mexit.runtime.onnx_parts import default_opset, max_prob_nodes, merged_opsets, tau_initializers
 
 #: Outputs of the batch graph: probabilities, original row numbers, exit index, all in exit order.
 BATCH_PROBS, BATCH_ROWS, BATCH_EXIT = "mexit_probs", "mexit_rows", "mexit_exit"
@@ -27,10 +27,10 @@ BATCH_PROBS, BATCH_ROWS, BATCH_EXIT = "mexit_probs", "mexit_rows", "mexit_exit"
 BATCH_TAU = "mexit_tau{}"
 
 
-def early_exit_batch_graph(bundle: Any, graphs: list[Any]) -> bytes:
+def early_exit_batch_graph(bundle: Any, graphs: list[Any], tau_default: float | None = None) -> bytes:
     """The batch graph for ``bundle`` from its stage graphs (``onnx.ModelProto``, already rewritten as the backend
     loads them); the graphs are not modified. Input: the stage-0 input with a free batch axis and one
-    ``mexit_tau{k}`` per internal exit."""
+    ``mexit_tau{k}`` per internal exit (defaulting to ``tau_default`` when given, as in the single graph)."""
     from onnx import TensorProto, compose, helper
 
     m = bundle.manifest
@@ -104,6 +104,7 @@ def early_exit_batch_graph(bundle: Any, graphs: list[Any]) -> bytes:
         inputs = [helper.make_tensor_value_info(x0, TensorProto.FLOAT, ["n", *m.input.sample_shape])]
         inputs += [helper.make_tensor_value_info(BATCH_TAU.format(j), TensorProto.FLOAT, [])
                    for j in range(k_exits - 1)]
+        inits += tau_initializers(BATCH_TAU, k_exits - 1, tau_default)
         model = helper.make_model(helper.make_graph(start + nodes, "early_exit_batch", inputs,
                                                     outputs(p_out, r_out, x_out), initializer=inits),
                                   opset_imports=merged_opsets(stages))

@@ -162,9 +162,14 @@ class EarlyExitRuntime(FixedShape):
         latency[sl] = now - t0
 
     def _taus(self, force_exit: int | None) -> dict[str, np.ndarray]:
-        """Per-exit threshold inputs of the single graph: the policy threshold, or force ``force_exit``."""
+        """Per-exit threshold inputs of the single graph: the policy threshold, or force ``force_exit``. Nothing
+        at all when the graph's own default (``backend.tau_default``) is the policy threshold: the inputs keep it."""
         feed = self._tau_feeds.get(force_exit)
         if feed is None:
+            default = getattr(self.backend, "tau_default", None)
+            if force_exit is None and default is not None and np.float32(self.policy.threshold) == np.float32(default):
+                self._tau_feeds[None] = {}
+                return self._tau_feeds[None]
             values = [self.policy.threshold] * (self._num_exits - 1)
             if force_exit is not None:  # conf >= +inf never holds, conf >= -inf always does
                 values = [np.inf if j != force_exit else -np.inf for j in range(self._num_exits - 1)]

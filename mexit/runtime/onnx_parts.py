@@ -38,3 +38,15 @@ def merged_opsets(models: list[Any]) -> list[Any]:
         for o in model.opset_import:
             domains[o.domain] = max(domains.get(o.domain, 0), o.version)
     return [helper.make_opsetid(d, v) for d, v in domains.items()]
+
+
+def tau_initializers(name: str, count: int, default: float | None) -> list[Any]:
+    """Initializers giving the threshold inputs ``name.format(k)``, k < ``count``, the value ``default`` (none when
+    ``default`` is None). A graph input with an initializer of the same name takes it when the caller does not feed
+    the input and is overridden when it does (ONNX IR ≥ 4), so a request at the default threshold feeds its input
+    alone, and forcing an exit (±inf) still works."""
+    if default is None:
+        return []
+    from onnx import TensorProto, helper
+
+    return [helper.make_tensor(name.format(k), TensorProto.FLOAT, [], [default]) for k in range(count)]

@@ -384,3 +384,19 @@ def test_prediction_is_frozen(conv_rt, batch):
     assert isinstance(pred, Prediction)
     with pytest.raises(AttributeError):
         pred.labels = None  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("batch_graph", [False, True])
+def test_at_the_bundles_threshold_the_graphs_take_their_default_thresholds(conv_bundle, batch, per_exit, batch_graph):
+    rt = EarlyExitRuntime(conv_bundle, batch_graph=batch_graph)  # the bundle's own threshold (0.8)
+    assert rt._taus(None) == {} and rt.backend.tau_default == pytest.approx(0.8)
+    assert len(rt._taus(1)) == rt.num_exits - 1  # forcing an exit still feeds every threshold
+    pred = rt.predict(batch)
+    np.testing.assert_array_equal(pred.exit_index, expected_exits(per_exit, lambda p: p.max(axis=1) >= 0.8))
+    for i in range(len(batch)):
+        one = rt.predict(batch[i : i + 1])
+        assert one.exit_index[0] == pred.exit_index[i]
+        np.testing.assert_allclose(one.probs[0], pred.probs[i], atol=1e-6)
+        assert rt.predict(batch[i : i + 1], force_exit=1).exit_index[0] == 1
+    other = EarlyExitRuntime(conv_bundle, threshold=0.5)  # any other threshold is fed explicitly
+    assert len(other._taus(None)) == other.num_exits - 1
