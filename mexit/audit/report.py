@@ -309,11 +309,13 @@ def _fig_accuracy_flops(r: dict[str, Any]) -> Any:
     ax.bar(k - 0.2, [p["train_accuracy"] for p in per], 0.4, label="train (members)", color=_COLORS[0])
     ax.bar(k + 0.2, [p["test_accuracy"] for p in per], 0.4, label="test (non-members)", color=_COLORS[1])
     van = r["models"].get("vanilla-target")
+    lows = [p["test_accuracy"] for p in per]
     if van:
         ax.axhline(van["final_exit"]["test_accuracy"], color="k", ls="--", lw=1, label="vanilla test accuracy")
+        lows.append(van["final_exit"]["test_accuracy"])  # the axis must show the line its legend names
     ax.set_xticks(k, [f"exit {i}" for i in k])
     ax.set_ylabel("accuracy")
-    lo = min(min(p["test_accuracy"] for p in per), 0.9)
+    lo = min(min(lows), 0.9)
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
     ax2 = ax.twinx()
     ax2.plot(k, [p["flops_fraction"] for p in per], "o-", color=_COLORS[2], label="FLOPs (fraction of full)")

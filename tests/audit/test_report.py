@@ -198,3 +198,19 @@ def test_the_served_guard_is_described_in_one_sentence():
     assert "refitted 2 time(s) on live times after requests 54, 108" in note, note
     assert "9 of the overruns came before the first refit" in note, note
     assert served_defense_note(None) is None and served_defense_note({}) is None
+
+
+def test_the_accuracy_figure_shows_a_vanilla_line_below_every_exit():
+    import matplotlib.pyplot as plt
+
+    from mexit.audit.report import _fig_accuracy_flops
+
+    per = [{"train_accuracy": 0.7 + 0.05 * k, "test_accuracy": 0.36 + 0.01 * k, "flops_fraction": (k + 1) / 3}
+           for k in range(3)]
+    r = {"models": {"target": {"per_exit": per, "arch": "resnet56", "dataset": "cifar10"},
+                    "vanilla-target": {"final_exit": {"test_accuracy": 0.288}}}}
+    fig = _fig_accuracy_flops(r)
+    try:
+        assert fig.axes[0].get_ylim()[0] < 0.288  # the dashed line its legend names is on the chart
+    finally:
+        plt.close(fig)
