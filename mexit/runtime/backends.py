@@ -261,7 +261,8 @@ class OrtCpuBackend:
         self._single = None
         #: What the single and batch graphs' threshold inputs default to when not fed (the bundle's threshold, as
         #: float32): a runtime at that threshold feeds the input alone (:meth:`EarlyExitRuntime._taus`), which
-        #: saves converting one numpy scalar per internal exit on every request (~7 µs on ResNet-56 ×6).
+        #: saves converting one numpy scalar per internal exit on every request (~7 µs a call at ResNet-56 ×6's exit 0
+        #: in isolation; below the noise of the realised speed-up, ``benchmarks/request_path_numpy.py``).
         self.tau_default = float(np.float32(self.bundle.manifest.policy.threshold))
         if single_graph is None:  # auto: not for models whose weights would be duplicated at great cost
             size = sum(self.bundle.file(e.stage_file).stat().st_size for e in self.bundle.manifest.exits)

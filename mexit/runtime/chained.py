@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -100,7 +101,7 @@ class EarlyExitRuntime(FixedShape):
         # The request fast path (see predict): a ready float32 (1, *input_shape) array on a thread-safe single graph
         # that checks finiteness itself needs nothing but the run and its result.
         self._one_shape = (1, *self._input_shape)
-        self._fast_one = None
+        self._fast_one: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
         if self._one is not None and self._one_checks_finite and self.backend.thread_safe:
             feed = self._taus(None)
             self._fast_one = lambda x: self._one(x, feed)  # type: ignore[misc]  # _one looked up per call
