@@ -44,13 +44,16 @@ def _residual_graph(channels: int = 16, *, dims: tuple = ("batch", 16, 8, 8)) ->
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray, optimized: Path | None = None) -> np.ndarray:
+def _session(model: onnx.ModelProto, optimized: Path | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     if optimized is not None:
         so.optimized_model_filepath = str(optimized)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})[0]
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, optimized: Path | None = None) -> np.ndarray:
+    return _session(model, optimized).run(None, {"x": x})[0]
 
 
 def test_skip_read_from_the_stage_input_goes_through_an_identity_conv_with_the_same_values(tmp_path: Path) -> None:
@@ -142,9 +145,7 @@ def _stage_pair(channels: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
 
 
 def _chain(graphs: list[onnx.ModelProto], img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    s0, s1 = (ort.InferenceSession(g.SerializeToString(), so, providers=["CPUExecutionProvider"]) for g in graphs)
+    s0, s1 = (_session(g) for g in graphs)
     features = s0.run(None, {"img": img})[0]
     return features, s1.run(None, {"x": features})[0]
 
@@ -170,9 +171,7 @@ def test_blocked_handoff_removes_the_boundary_reorders_and_keeps_every_value(tmp
     assert blocked_features.shape == plain_features.shape
     assert np.array_equal(out, plain_out)  # a reorder only moves floats: bit-identical
     # the rows stay outermost: stage 1 on a subset of blocked rows is stage 1's answer for those rows
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    s1 = ort.InferenceSession(graphs[1].SerializeToString(), so, providers=["CPUExecutionProvider"])
+    s1 = _session(graphs[1])
     assert np.array_equal(s1.run(None, {"x": np.take(blocked_features, [4, 1], axis=0)})[0], plain_out[[4, 1]])
     # and the layouts must be paired: the blocked features are not the plain ones
     assert not np.array_equal(blocked_features, plain_features)
