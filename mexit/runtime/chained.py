@@ -133,9 +133,9 @@ class EarlyExitRuntime(FixedShape):
                 and x.shape == self._one_shape and x.dtype is _FLOAT32 and x.flags.c_contiguous):
             # A request as a server or a client sends it: skip the general path's branches and calls, which cost
             # several times their own time after a model run has evicted the interpreter's working set. Same checks,
-            # same result, same latency definition. The saving is small and not established: 1-3 µs paired on the
-            # same request (ResNet-56 ×6), +0.011 of the realised speed-up in benchmarks/request_path_numpy.py
-            # (``general_path``) with a per-repeat range that includes 0.
+            # same result, same latency definition. The saving is small and not established: 0-3 µs paired on the
+            # same request (ResNet-56 ×6, benchmarks/request_fast_path_paired.py), +0.011 of the realised speed-up
+            # in benchmarks/request_path_numpy.py (``general_path``) with a per-repeat range that includes 0.
             p, exits, labels = fast(x)
             return Prediction(probs=p, labels=labels, exit_index=exits,
                               latency_ns=np.array([time.perf_counter_ns() - t0], dtype=np.int64))
