@@ -33,7 +33,7 @@ import numpy as np
 from mexit.defense.calibration import CleanTimes
 from mexit.defense.timeguard import DelayPolicy, check_clean_times
 from mexit.errors import ConfigError
-from mexit.runtime.types import Prediction, Runtime
+from mexit.runtime.types import Prediction, Runtime, WrappedShape
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +216,8 @@ class _Tally:
     in_flight: int = 0
     exit_requests: Counter[int] = field(default_factory=Counter)  # under each request's deepest exit
     exit_overruns: Counter[int] = field(default_factory=Counter)
+    #: batch-1 requests with a live time, per exit, under whichever schedule timed them (the refit's live samples)
+    live_exits: Counter[int] = field(default_factory=Counter)
 
     def add(self, over: bool, in_flight: int, exit_k: int | None = None) -> None:
         self.requests += 1
@@ -252,7 +254,7 @@ def _spin_until(release_ns: int) -> None:
         time.sleep(0)
 
 
-class GuardedRuntime:
+class GuardedRuntime(WrappedShape):
     """A :class:`Runtime` that releases each response at the delay policy's target latency.
 
     ``clean_times`` (distributions) or ``clean_times_s`` (medians only: enough for TimeGuard, not for
@@ -289,7 +291,7 @@ class GuardedRuntime:
         if not isinstance(policy, DelayPolicy):
             raise ConfigError(f"GuardedRuntime needs a delay policy with target_latency_s(); "
                               f"got {type(policy).__name__}")
-        self._runtime = runtime
+        self._runtime = self._wrapped = runtime
         clean: CleanTimes | None = clean_times
         if clean is not None:
             times, method = clean.medians(), "given"
@@ -327,7 +329,6 @@ class GuardedRuntime:
         self._in_flight = 0  # requests between entering predict and their release
         self._recent_in_flight: deque[float] = deque(maxlen=RELAX_WINDOWS)  # its mean in the last windows
         self._grown_in_flight = 0.0  # the mean in flight in the window that last grew the schedule
-        self._window_exits = [0] * runtime.num_exits  # live samples per exit in the current window
         self._relax_exits: list[int] | None = None  # live samples per exit since the last relaxation, if any
         self._recent_exits: deque[list[int]] = deque(maxlen=RELAX_WINDOWS)  # the same for the last windows
         self._excess: list[float] = []  # seconds by which overruns since the last refit missed their release
@@ -339,18 +340,6 @@ class GuardedRuntime:
                     np.array2string(times * 1e3, precision=3))
 
     # -- the Runtime protocol -------------------------------------------------------------------------
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self._runtime.input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self._runtime.num_classes
-
-    @property
-    def num_exits(self) -> int:
-        return self._runtime.num_exits
-
     @property
     def runtime(self) -> Runtime:
         """The wrapped runtime (unguarded: do not expose it to clients)."""
@@ -395,7 +384,7 @@ class GuardedRuntime:
             self._total.add(over, self._in_flight, exit_k)
             if exit_k is not None and live_s is not None:  # batch 1: exit_k is the request's exit
                 self._live[exit_k].append(live_s)
-                self._window_exits[exit_k] += 1
+                self._window.live_exits[exit_k] += 1
                 if self._relax_exits is not None:
                     self._relax_exits[exit_k] += 1
             if not self._adaptive or inference.schedule != self._fitted[2]:
@@ -428,7 +417,6 @@ class GuardedRuntime:
                 relax = True
             self._quiet_windows = 0
             self._since_refit, self._window = _Tally(), _Tally()
-            self._window_exits = [0] * len(self._window_exits)
             self._refitting = True
             # a relaxation measures the quiet windows' live times; a refit after one, those since it: a load that
             # has passed must not come back through the next refit's shift
@@ -485,7 +473,6 @@ class GuardedRuntime:
                 self._fitted = (policy, clean.medians(), self._fitted[2] + 1)
                 # what was counted since the refit began was released by the schedule it replaces: start afresh
                 self._since_refit, self._window, self._excess = _Tally(), _Tally(), []
-                self._window_exits = [0] * len(self._window_exits)
                 self.clean_times = clean
                 self.refit_margin_s = margin
                 self._shifts_s = shifts
@@ -510,9 +497,8 @@ class GuardedRuntime:
         if self.refits == 0 or (n < MARGIN_MIN_REQUESTS and (n < REFIT_MIN_REQUESTS or young)):
             return False
         self._quiet_windows = self._quiet_windows + 1 if window.overruns <= RELAX_WINDOW_OVERRUNS else 0
-        self._recent_exits.append(self._window_exits)
+        self._recent_exits.append(self._per_exit(window.live_exits))
         self._recent_in_flight.append(window.mean_in_flight)
-        self._window_exits = [0] * len(self._window_exits)
         self._window = _Tally()
         return True
 

@@ -71,6 +71,25 @@ class FixedShape:
         return self._num_exits
 
 
+class WrappedShape:
+    """The :class:`Runtime` protocol's shape properties of a wrapper (a defense, a test tool), read from the runtime it
+    wraps, ``_wrapped`` (set by the subclass's constructor): the wrapper answers for whatever it wraps."""
+
+    _wrapped: Runtime
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self._wrapped.input_shape)
+
+    @property
+    def num_classes(self) -> int:
+        return self._wrapped.num_classes
+
+    @property
+    def num_exits(self) -> int:
+        return self._wrapped.num_exits
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What the chained runtime needs from an execution backend (see the module docstring)."""

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mexit.errors import ConfigError
-from mexit.runtime.types import Prediction, Runtime
+from mexit.runtime.types import Prediction, Runtime, WrappedShape
 
 
 class JitterModel:
@@ -61,7 +61,7 @@ class JitterModel:
                 "spike_ms": self.spike_ms}
 
 
-class JitteryRuntime:
+class JitteryRuntime(WrappedShape):
     """TEST TOOL: ``inner`` plus a :class:`JitterModel` delay per ``predict`` call (after the model ran).
 
     Everything else (``manifest``, ``bundle``, …) is the inner runtime's. ``latency_ns`` of the returned
@@ -69,21 +69,9 @@ class JitteryRuntime:
     """
 
     def __init__(self, inner: Runtime, jitter: JitterModel, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.inner = inner
+        self.inner = self._wrapped = inner
         self.jitter = jitter
         self._sleep = sleep
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.inner.input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.inner.num_classes
-
-    @property
-    def num_exits(self) -> int:
-        return self.inner.num_exits
 
     def predict(self, x: np.ndarray, *, full_depth: bool = False) -> Prediction:
         pred = self.inner.predict(x, full_depth=full_depth)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mexit.errors import ConfigError, InputError
-from mexit.runtime.types import FixedShape, Prediction, Runtime
+from mexit.runtime.types import FixedShape, Prediction, Runtime, WrappedShape
 
 
 class ToyRuntime(FixedShape):
@@ -104,7 +104,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-class ThreadHopRuntime:
+class ThreadHopRuntime(WrappedShape):
     """Delegates to ``runtime`` but hands every ``predict`` to Starlette's thread pool via ``predict_async``.
 
     The server's ``predict="thread"`` path (the same ``run_in_threadpool`` call), reachable through a
@@ -113,20 +113,8 @@ class ThreadHopRuntime:
     """
 
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+        self.runtime = self._wrapped = runtime
         self.model_name = getattr(runtime, "model_name", None)
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.runtime.input_shape)
-
-    @property
-    def num_classes(self) -> int:
-        return self.runtime.num_classes
-
-    @property
-    def num_exits(self) -> int:
-        return self.runtime.num_exits
 
     def predict(self, x: np.ndarray, *, full_depth: bool = False) -> Prediction:
         return self.runtime.predict(x, full_depth=full_depth)
