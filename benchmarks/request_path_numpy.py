@@ -8,9 +8,6 @@ full-depth graph in blocks (:func:`runtime_latency.blocked_per_sample`, fresh ra
 is reported as realised / FLOPs-predicted speed-up on the samples' natural exits, with their paired difference per
 repeat. The two paths take the same exits and labels (checked).
 
-``general_path`` (session 11): the graph-only path without ``predict``'s request fast path (a ready float32
-request skips the general path's branches and calls), paired the same way (``graph_only_minus_general_path``).
-
 ``thresholds_fed`` (session 11): the graph-only path as it was before the graphs' threshold inputs got the bundle's
 threshold as their default — every request feeding one float32 scalar per internal exit besides its input — paired
 the same way (``graph_only_minus_thresholds_fed``).
@@ -52,7 +49,6 @@ def with_numpy_around_run(rt: EarlyExitRuntime) -> EarlyExitRuntime:
 
     rt._one_checks_finite = False  # validate_inputs runs np.isfinite(x).all() again
     rt._one = one
-    rt._fast_one = None  # that path had no request fast path either
     return rt
 
 
@@ -60,14 +56,6 @@ def with_thresholds_fed(rt: EarlyExitRuntime) -> EarlyExitRuntime:
     """``rt`` feeding every threshold input on every request, as before the graphs defaulted them."""
     feed = {f"mexit_tau{j}": np.array(rt.policy.threshold, dtype=np.float32) for j in range(rt.num_exits - 1)}
     rt._tau_feeds[None] = feed
-    if rt._fast_one is not None:
-        rt._fast_one = lambda x: rt._one(x, feed)
-    return rt
-
-
-def with_general_path(rt: EarlyExitRuntime) -> EarlyExitRuntime:
-    """``rt`` without the request fast path of ``EarlyExitRuntime.predict`` (every request takes the general path)."""
-    rt._fast_one = None
     return rt
 
 
@@ -82,13 +70,12 @@ def main() -> None:
     graph_only = EarlyExitRuntime(args.bundle, threshold=args.threshold, **opts)
     numpy_around = with_numpy_around_run(EarlyExitRuntime(args.bundle, threshold=args.threshold, **opts))
     fed = with_thresholds_fed(EarlyExitRuntime(args.bundle, threshold=args.threshold, **opts))
-    general = with_general_path(EarlyExitRuntime(args.bundle, threshold=args.threshold, **opts))
     a, b = graph_only.predict(x[:1]), numpy_around.predict(x[:1])
     same = all(
         np.array_equal(p.exit_index, q.exit_index) and np.array_equal(p.labels, q.labels)
-        and np.array_equal(p.exit_index, r.exit_index) and np.array_equal(p.probs, g.probs)
-        for p, q, r, g in ((graph_only.predict(x[i : i + 1]), numpy_around.predict(x[i : i + 1]),
-                            fed.predict(x[i : i + 1]), general.predict(x[i : i + 1])) for i in range(len(x)))
+        and np.array_equal(p.exit_index, r.exit_index) and np.array_equal(p.probs, r.probs)
+        for p, q, r in ((graph_only.predict(x[i : i + 1]), numpy_around.predict(x[i : i + 1]),
+                         fed.predict(x[i : i + 1])) for i in range(len(x)))
     ) and a.labels.dtype == b.labels.dtype
     full = ort.InferenceSession(str(graph_only.bundle.full_path), session_options(), providers=["CPUExecutionProvider"])
     in_name = full.get_inputs()[0].name
@@ -98,7 +85,6 @@ def main() -> None:
     t = blocked_per_sample({"graph_only": lambda xi: graph_only.predict(xi),
                             "numpy_around_run": lambda xi: numpy_around.predict(xi),
                             "thresholds_fed": lambda xi: fed.predict(xi),
-                            "general_path": lambda xi: general.predict(xi),
                             "full_graph": lambda xi: full.run(None, {in_name: xi})},
                            x, args.repeats, np.random.default_rng(args.seed))
 
@@ -106,14 +92,13 @@ def main() -> None:
         return _ratio_of_means(f, e, costs, full_flops)
 
     paths = {name: over_repeats(ratio, t["full_graph"], t[name])
-             for name in ("graph_only", "numpy_around_run", "thresholds_fed", "general_path")}
+             for name in ("graph_only", "numpy_around_run", "thresholds_fed")}
 
     def gain(f: np.ndarray, old: np.ndarray, new: np.ndarray) -> float:
         return ratio(f, new) - ratio(f, old)
 
     diff = over_repeats(gain, t["full_graph"], t["numpy_around_run"], t["graph_only"])
     diff_fed = over_repeats(gain, t["full_graph"], t["thresholds_fed"], t["graph_only"])
-    diff_general = over_repeats(gain, t["full_graph"], t["general_path"], t["graph_only"])
     m = graph_only.manifest
     record = {
         "benchmark": "request_path_numpy", "run": str(args.run), "bundle": str(args.bundle), "arch": m.model.arch,
@@ -123,7 +108,6 @@ def main() -> None:
         "realised_over_predicted": paths,
         "graph_only_minus_numpy_around_run": diff,
         "graph_only_minus_thresholds_fed": diff_fed,
-        "graph_only_minus_general_path": diff_general,
         "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()},
         "provenance": provenance(seed=args.seed),
     }
@@ -135,8 +119,6 @@ def main() -> None:
                       "difference_per_repeat": [round(d, 4) for d in diff["per_repeat"]],
                       "difference_vs_thresholds_fed": round(diff_fed["value"], 4),
                       "difference_vs_thresholds_fed_per_repeat": [round(d, 4) for d in diff_fed["per_repeat"]],
-                      "difference_vs_general_path": round(diff_general["value"], 4),
-                      "difference_vs_general_path_per_repeat": [round(d, 4) for d in diff_general["per_repeat"]],
                       "same_exits_and_labels": same}))
     print(f"written to {out}")
 

@@ -122,8 +122,6 @@ if section "runtime breakdown and batch paths, ResNet-56" "$CIFAR_RUN" "$CIFAR_B
   cif=(--run "$CIFAR_RUN" --bundle "$CIFAR_BUNDLE" --threshold 0.9)
   python benchmarks/runtime_breakdown.py "${cif[@]}" --repeats 9
   python benchmarks/request_path_numpy.py "${cif[@]}" --int8-heads --samples 600
-  python benchmarks/request_fast_path_paired.py "${cif[@]}" --int8-heads --exit 0
-  python benchmarks/request_fast_path_paired.py "${cif[@]}" --int8-heads
   python benchmarks/batch_graph_throughput.py "${cif[@]}" --repeats 7
   python benchmarks/chain_bookkeeping.py "${cif[@]}" --repeats 15
 fi
