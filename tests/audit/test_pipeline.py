@@ -138,14 +138,15 @@ def test_interrupted_audit_resumes_without_retraining(tiny_run, tmp_path, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "_steal_stage", interrupted)
+    cfg = tiny(tau_sweep={"enabled": False})  # not what this test is about, and a third of a tiny audit's time
     with pytest.raises(KeyboardInterrupt):
-        run_audit(TINY, run_dir, progress=False)
+        run_audit(cfg, run_dir, progress=False)
     assert not (run_dir / RESULTS_FILE).exists()
     collected = sorted(p.name for p in run_dir.glob("collect-target-*"))
     assert collected and (run_dir / collected[0] / "done.json").exists()
 
     monkeypatch.setattr(pipeline, "_steal_stage", real_steal)
-    results = run_audit(TINY, run_dir, progress=False, report=False)
+    results = run_audit(cfg, run_dir, progress=False, report=False)
     assert trained == []
     assert results["timings"]["train-target"]["cached"] and results["timings"]["collect-target"]["cached"]
     assert not results["timings"]["steal"]["cached"]
@@ -289,7 +290,7 @@ def test_adversary_3_uses_its_own_shadow_and_stolen_exits(tiny_run, tmp_path):
     out, _ = tiny_run
     run_dir = copy_trained(out, tmp_path / "adv3")
     cfg = tiny(shadow={"arch": "fcn18-2"}, attacks={"adversaries": [2, 3]}, vanilla={"attack": False},
-               timeguard={"sigma_grid_ms": [1.0], "confirm_live": False})
+               timeguard={"sigma_grid_ms": [1.0], "confirm_live": False}, tau_sweep={"enabled": False})
     results = run_audit(cfg, run_dir, progress=False, report=False)
     assert results["models"]["shadow3"]["arch"] == "fcn18-2"
     assert not results["timings"]["train-shadow3"]["cached"] and results["timings"]["train-target"]["cached"]
@@ -304,7 +305,8 @@ def test_adversary_3_uses_its_own_shadow_and_stolen_exits(tiny_run, tmp_path):
 def test_collection_interrupted_midway_resumes_against_a_restarted_server(tiny_run, tmp_path, monkeypatch, caplog):
     out, _ = tiny_run
     run_dir = copy_trained(out, tmp_path / "midway")
-    cfg = tiny(deployment={"mode": "server"}, vanilla={"attack": False}, timeguard={"confirm_live": False})
+    cfg = tiny(deployment={"mode": "server"}, vanilla={"attack": False}, timeguard={"confirm_live": False},
+               tau_sweep={"enabled": False})
     import mexit.serve.client as client_mod
 
     real_infer = client_mod.OIPClient.infer

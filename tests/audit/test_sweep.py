@@ -31,7 +31,7 @@ def _grid(tmp_path, exits=(3, 2)):
     base = tmp_path / "base.toml"
     base.write_text(toml_of({**TINY, "vanilla": {"attack": False}}))
     grid = tmp_path / "grid.toml"
-    grid.write_text(f'base_config = "base.toml"\nset = ["timeguard.confirm_live=false"]\n'
+    grid.write_text(f'base_config = "base.toml"\nset = ["timeguard.confirm_live=false", "tau_sweep.enabled=false"]\n'
                     f"[grid]\nexits = {list(exits)}\n")
     return grid
 
