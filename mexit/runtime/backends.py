@@ -155,14 +155,10 @@ def _load_stages(bundle: Bundle, make: Callable[[Path], ort.InferenceSession]) -
 class OrtCpuBackend:
     """ONNX Runtime on the CPU, one session per stage.
 
-    Hand-off between stages: with ``io_binding=False`` (default) features are the numpy arrays
-    ``InferenceSession.run`` returns, which on the CPU EP are views of ORT's own output buffers (no
-    copy), and ORT wraps contiguous float32 numpy inputs without copying either. With
-    ``io_binding=True`` features stay ``OrtValue``s passed with ``bind_ortvalue_input``. Both are
-    copy-free; measured here (ORT 1.32, 2-stage tiny chain, batch 1) plain ``run`` was ~30 µs per call
-    cheaper than building an IOBinding per call. ``take`` copies only the surviving rows (one
-    ``np.take``), and only when some rows exit and others continue. ``threads`` is each session's
-    intra-op thread count.
+    Hand-off between stages: features are the numpy arrays ``InferenceSession.run`` returns, which on the CPU
+    EP are views of ORT's own output buffers (no copy), and ORT wraps contiguous float32 numpy inputs without
+    copying either. ``take`` copies only the surviving rows (one ``np.take``), and only when some rows exit and
+    others continue. ``threads`` is each session's intra-op thread count.
 
     ``fold_decision=True`` (default; needs the ``onnx`` package, else silently the numpy path): each
     internal stage's graph gets two more outputs at load time, ``Softmax(logits)`` and its row maximum,
@@ -197,9 +193,12 @@ class OrtCpuBackend:
     ``run`` per request, and ONNX Runtime still stops at the exit taken. Batches keep the per-stage
     chain (per-sample exits need compaction between stages).
 
-    Tried and dropped (issue 14): a per-thread cached IOBinding per stage with preallocated output
-    buffers and inputs pre-bound to the previous stage's buffer was ~1 µs per call *slower* than plain
-    ``run`` at batch 1 (tiny 3-exit conv bundle, ORT 1.32, interleaved medians over 3 x 3000 rounds).
+    Tried and dropped (issue 14): IOBinding. An ``io_binding`` option (features kept as ``OrtValue``s, bound per
+    call) lost to plain ``run`` at batch 1 by 0.06 (ResNet-56 ×6) and 0.11 (FCN-18-1 ×6) of the realised /
+    FLOPs-predicted speed-up on the same per-stage chain, and 0.10 / 0.22 against the single graph, in every repeat,
+    and was behind or level at batches of 64 and 256 (``benchmarks/io_binding_paired.py`` of commit 0b9d4c5); a
+    per-thread cached IOBinding per stage with preallocated output buffers and inputs pre-bound to the previous
+    stage's buffer was ~1 µs per call *slower* than plain ``run`` at batch 1 (tiny 3-exit conv bundle).
     """
 
     name = "onnxruntime"
@@ -219,7 +218,6 @@ class OrtCpuBackend:
         device: int | str | None = None,
         fp16: bool = False,
         spinning: bool = False,
-        io_binding: bool = False,
         fold_decision: bool = True,
         single_graph: bool | None = None,
         skip_conv: bool = True,
@@ -230,9 +228,8 @@ class OrtCpuBackend:
         self.validate_options({"device": device, "fp16": fp16})
         rt = require_ort()
         self.bundle = load_bundle(bundle)
-        self.io_binding = io_binding
         so = session_options(threads=threads, spinning=spinning)
-        fold = fold_decision and not io_binding
+        fold = fold_decision
         # each stage file read once, for the stage sessions and the single graph
         graphs = _stage_graphs(self.bundle, skip_conv=skip_conv, int8_heads=int8_heads) \
             if fold or skip_conv or int8_heads or batch_graph or blocked_handoff or single_graph is not False else None
@@ -247,7 +244,7 @@ class OrtCpuBackend:
             graphs, handed = hand_over_blocked(graphs, [e.feature_output for e in exits], [e.input_name for e in exits])
         folded = None if graphs is None else _stage_models(self.bundle, graphs, fold=fold)
         self.folds_decision = fold and folded is not None
-        self.options = {"threads": threads, "spinning": spinning, "io_binding": io_binding,
+        self.options = {"threads": threads, "spinning": spinning,
                         "fold_decision": self.folds_decision, "skip_conv": skip_conv and folded is not None,
                         "int8_heads": bool(int8_heads), "blocked_handoff": handed > 0}
 
@@ -266,7 +263,7 @@ class OrtCpuBackend:
         self.tau_default = float(np.float32(self.bundle.manifest.policy.threshold))
         if single_graph is None:  # auto: not for models whose weights would be duplicated at great cost
             size = sum(self.bundle.file(e.stage_file).stat().st_size for e in self.bundle.manifest.exits)
-            single_graph = size <= SINGLE_GRAPH_MAX_BYTES and not io_binding
+            single_graph = size <= SINGLE_GRAPH_MAX_BYTES
         if single_graph:
             model = early_exit_graph(self.bundle, skip_conv=skip_conv, graphs=graphs, tau_default=self.tau_default)
             if model is not None:
@@ -329,24 +326,10 @@ class OrtCpuBackend:
 
     def run_stage(self, k: int, inputs: Any) -> tuple[Any | None, np.ndarray]:
         st = self._stages[k]
-        if self.io_binding:
-            binding = st.sess.io_binding()
-            if isinstance(inputs, ort.OrtValue):
-                binding.bind_ortvalue_input(st.input_name, inputs)
-            else:
-                binding.bind_cpu_input(st.input_name, inputs)
-            for name in st.outputs:
-                binding.bind_output(name, "cpu")
-            st.sess.run_with_iobinding(binding)
-            outs = binding.get_outputs()
-            return (outs[0] if st.feature else None), outs[-1].numpy()
         outs = st.sess.run(st.outputs, {st.input_name: inputs})
         return (outs[0] if st.feature else None), outs[-1]
 
     def take(self, features: Any, idx: np.ndarray) -> Any:
-        if isinstance(features, ort.OrtValue):
-            # .numpy() of a CPU OrtValue is a view; ortvalue_from_numpy wraps without copying.
-            return ort.OrtValue.ortvalue_from_numpy(np.take(features.numpy(), idx, axis=0))
         return np.take(features, idx, axis=0)
 
     def full(self, x: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ class EarlyExitRuntime(FixedShape):
     ``backend`` is a registered name (:func:`mexit.runtime.backend_names`) or a ready backend object.
     ``threads``, ``device`` and ``fp16`` mean the same on every backend (see
     :mod:`mexit.runtime.registry`; ``None`` leaves the backend's default); ``backend_opts`` are the
-    backend's own options (e.g. ``io_binding=True``, ``provider="tensorrt"``, ``cuda_graphs=True``).
+    backend's own options (e.g. ``int8_heads=True``, ``provider="tensorrt"``, ``cuda_graphs=True``).
     Unknown names or options are a :class:`~mexit.errors.ConfigError`. ``intra_op_threads=`` is a
     deprecated alias of ``threads``.
     """

@@ -12,7 +12,7 @@ know which backend calls its thread count what:
 * ``fp16`` — which TensorRT engine flavour to run (``tensorrt``, and ``onnxruntime-gpu`` with its
   TensorRT provider); refused where it means nothing rather than silently ignored.
 
-Backend-specific options (``io_binding``, ``provider``, ``cuda_graphs``, …) are the other keyword-only
+Backend-specific options (``int8_heads``, ``provider``, ``cuda_graphs``, …) are the other keyword-only
 parameters of the backend's constructor; :func:`get_backend` checks names before constructing, so a
 misspelt option is one :class:`~mexit.errors.ConfigError` line listing the valid ones.
 
@@ -220,7 +220,7 @@ def parse_backend_options(name: str, pairs: Sequence[str]) -> dict[str, Any]:
     """Turn ``["key=value", …]`` from a command line into typed options for backend ``name``.
 
     Values are coerced to the type of the option's default (bool, int, float, else string; ``none``
-    gives None), so ``--backend-opt io_binding=true --backend-opt provider=tensorrt`` just works.
+    gives None), so ``--backend-opt int8_heads=true --backend-opt provider=tensorrt`` just works.
     """
     spec = backend_spec(name)
     defaults, annotations = spec.defaults, spec.annotations

@@ -262,13 +262,6 @@ def test_bad_call_options(conv_rt, batch, conv_bundle):
         EarlyExitRuntime(conv_bundle, intra_op_treads=2)
 
 
-def test_io_binding_mode_matches_default(conv_bundle, batch, mixed_tau):
-    a = EarlyExitRuntime(conv_bundle, threshold=mixed_tau).predict(batch)
-    b = EarlyExitRuntime(conv_bundle, threshold=mixed_tau, io_binding=True, threads=2).predict(batch)
-    np.testing.assert_array_equal(a.exit_index, b.exit_index)
-    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
-
-
 class _Chunked:
     """An ORT backend that claims a small max_batch, to exercise the runtime's batch splitting."""
 

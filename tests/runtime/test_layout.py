@@ -205,9 +205,9 @@ def test_runtime_with_the_blocked_handoff_decides_as_without(tmp_path: Path) -> 
     assert len(np.unique(b.exit_index)) >= 2
     assert np.array_equal(a.exit_index, b.exit_index) and np.allclose(a.probs, b.probs, atol=1e-6)
     chain = EarlyExitRuntime(bundle, threads=1)  # the per-stage chain, rows compacted between stages
-    bound = EarlyExitRuntime(bundle, threads=1, io_binding=True)  # blocked OrtValues handed from session to session
-    assert bound.backend.options["blocked_handoff"]
-    for c in (chain.predict(x), bound.predict(x)):
+    unfolded = EarlyExitRuntime(bundle, threads=1, fold_decision=False)  # the decision in numpy between stages
+    assert unfolded.backend.options["blocked_handoff"] and not unfolded.backend.options["fold_decision"]
+    for c in (chain.predict(x), unfolded.predict(x)):
         assert np.array_equal(c.exit_index, b.exit_index) and np.allclose(c.probs, b.probs, atol=1e-6)
     for i in range(6):  # batch 1: the single early-exit graph, its If branches reading blocked features
         one = on.predict(x[i : i + 1])

@@ -39,7 +39,7 @@ def test_unknown_backend_and_option_are_one_line_with_the_valid_ones(conv_bundle
     with pytest.raises(ConfigError, match=r"unknown backend 'tflite'; use one of onnxruntime, onnxruntime-gpu, "):
         EarlyExitRuntime(conv_bundle, backend="tflite")
     with pytest.raises(ConfigError, match=r"takes no option 'cuda_graphs'; its options are threads, device, fp16, "
-                                          r"spinning, io_binding"):
+                                          r"spinning, fold_decision"):
         get_backend("onnxruntime", conv_bundle, cuda_graphs=True)
     with pytest.raises(ConfigError, match="threads must be an integer >= 1"):
         EarlyExitRuntime(conv_bundle, threads=0)
@@ -113,13 +113,13 @@ def test_parse_backend_options_coerces_to_the_option_types():
     assert parse_backend_options("onnxruntime", ["single_graph=false"]) == {"single_graph": False}
     assert parse_backend_options("onnxruntime", ["single_graph=none"]) == {"single_graph": None}
     with pytest.raises(ConfigError, match="key=value"):
-        parse_backend_options("onnxruntime", ["io_binding"])
+        parse_backend_options("onnxruntime", ["int8_heads"])
     with pytest.raises(ConfigError, match="takes no option 'provider'"):
         parse_backend_options("onnxruntime", ["provider=cuda"])
     with pytest.raises(ConfigError, match="takes an integer"):
         parse_backend_options("onnxruntime-gpu", ["max_batch=lots"])
     with pytest.raises(ConfigError, match="true/false"):
-        parse_backend_options("onnxruntime", ["io_binding=maybe"])
+        parse_backend_options("onnxruntime", ["int8_heads=maybe"])
 
 
 def test_gpu_index_forms():
