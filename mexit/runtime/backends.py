@@ -257,9 +257,9 @@ class OrtCpuBackend:
         self._scored = [[st.feature, f"{FOLD_PREFIX}probs", f"{FOLD_PREFIX}maxprob"] for st in self._stages]
         self._single = None
         #: What the single and batch graphs' threshold inputs default to when not fed (the bundle's threshold, as
-        #: float32): a runtime at that threshold feeds the input alone (:meth:`EarlyExitRuntime._taus`), which
-        #: saves converting one numpy scalar per internal exit on every request (~7 µs a call at ResNet-56 ×6's exit 0
-        #: in isolation; below the noise of the realised speed-up, ``benchmarks/request_path_numpy.py``).
+        #: float32): a runtime at that threshold feeds the input alone (:meth:`EarlyExitRuntime._taus`) instead of one
+        #: scalar per internal exit, each passed down every nested ``If`` — 2–4 µs a request at the first exit, 7–12 µs
+        #: at natural exits, paired on the same request (``benchmarks/threshold_default_paired.py``).
         self.tau_default = float(np.float32(self.bundle.manifest.policy.threshold))
         if single_graph is None:  # auto: not for models whose weights would be duplicated at great cost
             size = sum(self.bundle.file(e.stage_file).stat().st_size for e in self.bundle.manifest.exits)
