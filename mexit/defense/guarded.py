@@ -291,7 +291,7 @@ class GuardedRuntime(WrappedShape):
         if not isinstance(policy, DelayPolicy):
             raise ConfigError(f"GuardedRuntime needs a delay policy with target_latency_s(); "
                               f"got {type(policy).__name__}")
-        self._runtime = self._wrapped = runtime
+        self._wrapped = runtime
         clean: CleanTimes | None = clean_times
         if clean is not None:
             times, method = clean.medians(), "given"
@@ -343,7 +343,7 @@ class GuardedRuntime(WrappedShape):
     @property
     def runtime(self) -> Runtime:
         """The wrapped runtime (unguarded: do not expose it to clients)."""
-        return self._runtime
+        return self._wrapped
 
     @property
     def policy(self) -> DelayPolicy:
@@ -358,7 +358,7 @@ class GuardedRuntime(WrappedShape):
     def _infer(self, x: np.ndarray, full_depth: bool) -> _Inference:
         """The prediction and what the guard needs to release and count it (see :class:`_Inference`)."""
         start = time.perf_counter_ns()
-        pred = self._runtime.predict(x, full_depth=full_depth)
+        pred = self._wrapped.predict(x, full_depth=full_depth)
         policy, clean_s, schedule = self._fitted
         if len(pred) == 0:
             return _Inference(pred, 0, start, None, schedule)
@@ -582,4 +582,4 @@ class GuardedRuntime(WrappedShape):
         return out
 
     def __repr__(self) -> str:
-        return f"GuardedRuntime({self._runtime!r}, policy={self.policy!r})"
+        return f"GuardedRuntime({self._wrapped!r}, policy={self.policy!r})"
