@@ -49,6 +49,7 @@ def with_numpy_around_run(rt: EarlyExitRuntime) -> EarlyExitRuntime:
 
     rt._one_checks_finite = False  # validate_inputs runs np.isfinite(x).all() again
     rt._one = one
+    rt._fast_one = None  # that path had no request fast path either
     return rt
 
 
@@ -56,6 +57,8 @@ def with_thresholds_fed(rt: EarlyExitRuntime) -> EarlyExitRuntime:
     """``rt`` feeding every threshold input on every request, as before the graphs defaulted them."""
     feed = {f"mexit_tau{j}": np.array(rt.policy.threshold, dtype=np.float32) for j in range(rt.num_exits - 1)}
     rt._tau_feeds[None] = feed
+    if rt._fast_one is not None:
+        rt._fast_one = lambda x: rt._one(x, feed)
     return rt
 
 

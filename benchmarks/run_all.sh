@@ -115,8 +115,10 @@ if section "runtime breakdown and batch paths, Location" "$LOC_RUN" "$LOC_BUNDLE
   loc=(--run "$LOC_RUN" --bundle "$LOC_BUNDLE")
   python benchmarks/runtime_breakdown.py "${loc[@]}" --repeats 7
   python benchmarks/request_path_numpy.py "${loc[@]}" --int8-heads --samples 1000
-  python benchmarks/threshold_default_paired.py "${loc[@]}" --int8-heads --samples 1000 --exit 0
-  python benchmarks/threshold_default_paired.py "${loc[@]}" --int8-heads --samples 1000
+  for c in control fast_path thresholds; do for e in "--exit 0" ""; do
+    # shellcheck disable=SC2086  # $e is one option or none
+    python benchmarks/request_path_paired.py "${loc[@]}" --int8-heads --samples 1000 --compare $c $e
+  done; done
   python benchmarks/batch_graph_throughput.py "${loc[@]}" --repeats 21
   python benchmarks/chain_bookkeeping.py "${loc[@]}" --repeats 31
 fi
@@ -124,8 +126,10 @@ if section "runtime breakdown and batch paths, ResNet-56" "$CIFAR_RUN" "$CIFAR_B
   cif=(--run "$CIFAR_RUN" --bundle "$CIFAR_BUNDLE" --threshold 0.9)
   python benchmarks/runtime_breakdown.py "${cif[@]}" --repeats 9
   python benchmarks/request_path_numpy.py "${cif[@]}" --int8-heads --samples 600
-  python benchmarks/threshold_default_paired.py "${cif[@]}" --int8-heads --exit 0
-  python benchmarks/threshold_default_paired.py "${cif[@]}" --int8-heads
+  for c in control fast_path thresholds; do for e in "--exit 0" ""; do
+    # shellcheck disable=SC2086  # $e is one option or none
+    python benchmarks/request_path_paired.py "${cif[@]}" --int8-heads --compare $c $e
+  done; done
   python benchmarks/batch_graph_throughput.py "${cif[@]}" --repeats 7
   python benchmarks/chain_bookkeeping.py "${cif[@]}" --repeats 15
 fi

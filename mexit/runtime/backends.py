@@ -258,8 +258,8 @@ class OrtCpuBackend:
         self._single = None
         #: What the single and batch graphs' threshold inputs default to when not fed (the bundle's threshold, as
         #: float32): a runtime at that threshold feeds the input alone (:meth:`EarlyExitRuntime._taus`) instead of one
-        #: scalar per internal exit — 2–4 µs less a request at the first exit, 7–12 µs at natural exits, paired on the
-        #: same request (``benchmarks/threshold_default_paired.py``).
+        #: scalar per internal exit — 4–7 µs less a request, paired on the same request and runtime
+        #: (``benchmarks/request_path_paired.py --compare thresholds``).
         self.tau_default = float(np.float32(self.bundle.manifest.policy.threshold))
         if single_graph is None:  # auto: not for models whose weights would be duplicated at great cost
             size = sum(self.bundle.file(e.stage_file).stat().st_size for e in self.bundle.manifest.exits)
