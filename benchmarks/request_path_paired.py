@@ -1,8 +1,8 @@
 """Two versions of ``EarlyExitRuntime.predict``'s batch-1 path on ONE runtime, paired on the same request.
 
 A pairing of two runtime objects is confounded: two sessions of the same graph differ by several µs a request on
-this VM, systematically (up to ~8 µs at ResNet-56 ×6's natural exits in session 12 — the ``control`` below run across
-two runtimes), which buried a 12–17 µs difference under session luck. Here both versions run on the same runtime and
+this VM, systematically (``--compare two_runtimes`` below), which hid the request fast path's 6–7 µs in session 11's
+two-runtime pairing. Here both versions run on the same runtime and
 session; before each timed call the configuration is switched (two attribute assignments) and the bundle's full-depth
 graph runs once, so both calls meet the caches a deployment's next request meets. Pairs are drawn at random from the
 test split (``--exit K``: only samples leaving at exit K), the two versions in random order.
@@ -12,13 +12,15 @@ test split (``--exit K``: only samples leaving at exit K), the two versions in r
 * ``fast_path``: ``predict``'s request fast path (a ready float32 request goes straight to the single graph) against
   the general path (``_fast_one = None``);
 * ``thresholds``: the graph's default thresholds (nothing fed) against feeding one float32 scalar per internal exit;
-* ``control``: the same configuration twice — the design's null (its interval should hold 0).
+* ``control``: the same configuration twice — the design's null (its interval should hold 0);
+* ``two_runtimes``: the confound itself — two runtime objects of the same bundle and configuration, each in its
+  own session, paired the same way.
 
 Reported: the median of the paired differences (first − second, µs) with a percentile bootstrap interval, and the
 share of pairs where the first was faster.
 
-    python benchmarks/request_path_paired.py --run RUN_DIR --bundle BUNDLE --compare fast_path|thresholds|control
-        [--threshold T] [--int8-heads] [--exit K] [--pairs 1500] [--out …]
+    python benchmarks/request_path_paired.py --run RUN_DIR --bundle BUNDLE
+        --compare fast_path|thresholds|control|two_runtimes [--threshold T] [--int8-heads] [--exit K] [--pairs 1500]
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ from mexit._io import atomic_write_json, provenance
 from mexit.runtime import EarlyExitRuntime
 from mexit.runtime.backends import session_options
 
-COMPARISONS = ("fast_path", "thresholds", "control")
+COMPARISONS = ("fast_path", "thresholds", "control", "two_runtimes")
 
 
-def versions(rt: EarlyExitRuntime, compare: str) -> dict[str, Callable[[], None]]:
-    """Two named switches that put ``rt`` in each version of the comparison."""
+def versions(rt: EarlyExitRuntime, compare: str,
+             make: Callable[[], EarlyExitRuntime]) -> dict[str, tuple[EarlyExitRuntime, Callable[[], None]]]:
+    """The two versions of the comparison: each a runtime and the switch that puts it in that version."""
+    if compare == "two_runtimes":
+        return {"first": (rt, lambda: None), "second": (make(), lambda: None)}
     fast = rt._fast_one
     if fast is None:
         raise SystemExit("this bundle/backend has no request fast path (single graph, max_prob policy, onnx)")
@@ -58,11 +63,11 @@ def versions(rt: EarlyExitRuntime, compare: str) -> dict[str, Callable[[], None]
         return apply
 
     if compare == "fast_path":
-        return {"fast_path": setter(fast, {}), "general_path": setter(None, {})}
+        return {"fast_path": (rt, setter(fast, {})), "general_path": (rt, setter(None, {}))}
     if compare == "thresholds":  # both on the fast path, which otherwise holds the feed it was built with
-        return {"defaults": setter(lambda x: rt._one(x, {}), {}),
-                "fed": setter(lambda x: rt._one(x, fed), fed)}
-    return {"first": setter(fast, {}), "second": setter(fast, {})}
+        return {"defaults": (rt, setter(lambda x: rt._one(x, {}), {})),
+                "fed": (rt, setter(lambda x: rt._one(x, fed), fed))}
+    return {"first": (rt, setter(fast, {})), "second": (rt, setter(fast, {}))}
 
 
 def main() -> None:
@@ -75,8 +80,12 @@ def main() -> None:
     args = parser.parse_args()
     load_before = os.getloadavg()
     x, _ = held_out(args)
-    rt = EarlyExitRuntime(args.bundle, threshold=args.threshold, **({"int8_heads": True} if args.int8_heads else {}))
-    switch = versions(rt, args.compare)
+    def make() -> EarlyExitRuntime:
+        return EarlyExitRuntime(args.bundle, threshold=args.threshold,
+                                **({"int8_heads": True} if args.int8_heads else {}))
+
+    rt = make()
+    switch = versions(rt, args.compare, make)
     names = list(switch)
     if args.exit is not None:
         x = x[rt.predict(x).exit_index == args.exit]
@@ -86,8 +95,9 @@ def main() -> None:
     for i in range(min(len(x), 50)):  # the versions answer alike (and their first calls stay out of the times)
         answers = []
         for name in names:
-            switch[name]()
-            answers.append(rt.predict(x[i : i + 1]))
+            runtime, apply = switch[name]
+            apply()
+            answers.append(runtime.predict(x[i : i + 1]))
         same &= all(np.array_equal(a.probs, answers[0].probs) and np.array_equal(a.exit_index, answers[0].exit_index)
                     for a in answers)
     full = ort.InferenceSession(str(rt.bundle.full_path), session_options(), providers=["CPUExecutionProvider"])
@@ -98,10 +108,11 @@ def main() -> None:
         xi = x[rng.integers(len(x))][None]
         t = {}
         for j in rng.permutation(len(names)):
-            switch[names[j]]()
+            runtime, apply = switch[names[j]]
+            apply()
             full.run(None, {in_name: xi})  # the caches a deployment's next request meets
             t0 = time.perf_counter_ns()
-            rt.predict(xi)
+            runtime.predict(xi)
             t[names[j]] = time.perf_counter_ns() - t0
         diff[p] = (t[names[0]] - t[names[1]]) / 1e3
     ci = stats.bootstrap((diff,), np.median, n_resamples=2000, confidence_level=0.95, method="percentile",

@@ -115,7 +115,7 @@ if section "runtime breakdown and batch paths, Location" "$LOC_RUN" "$LOC_BUNDLE
   loc=(--run "$LOC_RUN" --bundle "$LOC_BUNDLE")
   python benchmarks/runtime_breakdown.py "${loc[@]}" --repeats 7
   python benchmarks/request_path_numpy.py "${loc[@]}" --int8-heads --samples 1000
-  for c in control fast_path thresholds; do for e in "--exit 0" ""; do
+  for c in control fast_path thresholds two_runtimes; do for e in "--exit 0" ""; do
     # shellcheck disable=SC2086  # $e is one option or none
     python benchmarks/request_path_paired.py "${loc[@]}" --int8-heads --samples 1000 --compare $c $e
   done; done
@@ -126,7 +126,7 @@ if section "runtime breakdown and batch paths, ResNet-56" "$CIFAR_RUN" "$CIFAR_B
   cif=(--run "$CIFAR_RUN" --bundle "$CIFAR_BUNDLE" --threshold 0.9)
   python benchmarks/runtime_breakdown.py "${cif[@]}" --repeats 9
   python benchmarks/request_path_numpy.py "${cif[@]}" --int8-heads --samples 600
-  for c in control fast_path thresholds; do for e in "--exit 0" ""; do
+  for c in control fast_path thresholds two_runtimes; do for e in "--exit 0" ""; do
     # shellcheck disable=SC2086  # $e is one option or none
     python benchmarks/request_path_paired.py "${cif[@]}" --int8-heads --compare $c $e
   done; done
