@@ -53,9 +53,15 @@ def with_numpy_around_run(rt: EarlyExitRuntime) -> EarlyExitRuntime:
     return rt
 
 
+def fed_thresholds(rt: EarlyExitRuntime) -> dict[str, np.ndarray]:
+    """The single graph's threshold inputs, each fed ``rt``'s threshold (what every request sent before the graphs
+    defaulted them)."""
+    return {f"mexit_tau{j}": np.array(rt.policy.threshold, dtype=np.float32) for j in range(rt.num_exits - 1)}
+
+
 def with_thresholds_fed(rt: EarlyExitRuntime) -> EarlyExitRuntime:
     """``rt`` feeding every threshold input on every request, as before the graphs defaulted them."""
-    feed = {f"mexit_tau{j}": np.array(rt.policy.threshold, dtype=np.float32) for j in range(rt.num_exits - 1)}
+    feed = fed_thresholds(rt)
     rt._tau_feeds[None] = feed
     if rt._fast_one is not None:
         rt._fast_one = lambda x: rt._one(x, feed)

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from runtime_latency import add_test_split_options, held_out  # a sibling script
+from request_path_numpy import fed_thresholds  # sibling scripts
+from runtime_latency import add_test_split_options, held_out
 from scipy import stats
 
 from mexit._io import atomic_write_json, provenance
@@ -54,7 +55,7 @@ def versions(rt: EarlyExitRuntime, compare: str,
         raise SystemExit("this bundle/backend has no request fast path (single graph, max_prob policy, onnx)")
     if rt._taus(None):
         raise SystemExit("this runtime feeds its thresholds anyway (another threshold than the bundle's)")
-    fed = {f"mexit_tau{j}": np.array(rt.policy.threshold, dtype=np.float32) for j in range(rt.num_exits - 1)}
+    fed = fed_thresholds(rt)
 
     def setter(fast_one: Callable[[np.ndarray], object] | None, feeds: dict[str, np.ndarray]) -> Callable[[], None]:
         def apply() -> None:

@@ -135,10 +135,6 @@ def membership_gain(hybrid_scores: Mapping[str, np.ndarray], original_scores: Ma
     return out
 
 
-def _balanced(true_exit: np.ndarray, stolen: np.ndarray) -> float:
-    return exit_balanced_accuracy(true_exit, stolen)
-
-
 def _release_cdf(policy: Any, medians: np.ndarray) -> Callable[[int, np.ndarray], np.ndarray]:
     if policy is None:
         return no_release
@@ -174,7 +170,7 @@ def _frontier_row(config: DefenseConfig | None, *, target: Signals, shadow: Sign
     stolen, _ = steal(g_t, g_s, ex_s, k, seed)
     bayes, bayes_per_statistic = repeat_statistics_bound(lat_t, ex_t, _release_cdf(policy, med_t))
     oracle_ba = oracle.balanced_accuracy(g_t, ex_t)
-    shipped = {name: _balanced(ex_t, s) for name, s in stolen.items()}
+    shipped = {name: exit_balanced_accuracy(ex_t, s) for name, s in stolen.items()}
     hybrid_scores: dict[str, np.ndarray] = {}
     hybrid: dict[str, Any] = {}
     view = target.with_exits(stolen[stealer], f"stolen-{stealer}")
@@ -374,7 +370,7 @@ def live_defense_confirmation(
     g_s = apply_offline(_fit_policy(config, shadow_key, kind, clean_s), lat_s, shadow.true_exit, x_shadow,
                         clean_s.medians())
     stolen, _ = steal(lat_live, g_s, shadow.true_exit, k, seed)
-    shipped = {name: _balanced(live.true_exit, s) for name, s in stolen.items()}
+    shipped = {name: exit_balanced_accuracy(live.true_exit, s) for name, s in stolen.items()}
     view = live.with_exits(stolen[stealer], f"stolen-{stealer}")
     hybrid_scores = {name: np.asarray(a.score(view), dtype=np.float64) for name, a in hybrid_attacks.items()}
     before, after = latencies_s(baseline), lat_live

@@ -229,10 +229,10 @@ class OrtCpuBackend:
         rt = require_ort()
         self.bundle = load_bundle(bundle)
         so = session_options(threads=threads, spinning=spinning)
-        fold = fold_decision
         # each stage file read once, for the stage sessions and the single graph
+        rewrites = fold_decision or skip_conv or int8_heads or batch_graph or blocked_handoff
         graphs = _stage_graphs(self.bundle, skip_conv=skip_conv, int8_heads=int8_heads) \
-            if fold or skip_conv or int8_heads or batch_graph or blocked_handoff or single_graph is not False else None
+            if rewrites or single_graph is not False else None
         for wanted, name in ((int8_heads, "int8_heads"), (batch_graph, "batch_graph")):
             if wanted and graphs is None:
                 raise ConfigError(f"{name} needs the onnx package: pip install onnx")
@@ -242,8 +242,8 @@ class OrtCpuBackend:
 
             exits = self.bundle.manifest.exits
             graphs, handed = hand_over_blocked(graphs, [e.feature_output for e in exits], [e.input_name for e in exits])
-        folded = None if graphs is None else _stage_models(self.bundle, graphs, fold=fold)
-        self.folds_decision = fold and folded is not None
+        folded = None if graphs is None else _stage_models(self.bundle, graphs, fold=fold_decision)
+        self.folds_decision = fold_decision and folded is not None
         self.options = {"threads": threads, "spinning": spinning,
                         "fold_decision": self.folds_decision, "skip_conv": skip_conv and folded is not None,
                         "int8_heads": bool(int8_heads), "blocked_handoff": handed > 0}

@@ -188,12 +188,11 @@ class EarlyExitRuntime(FixedShape):
         feed = self._tau_feeds.get(force_exit)
         if feed is None:
             default = getattr(self.backend, "tau_default", None)
-            if force_exit is None and default is not None and np.float32(self.policy.threshold) == np.float32(default):
-                self._tau_feeds[None] = {}
-                return self._tau_feeds[None]
             values = [self.policy.threshold] * (self._num_exits - 1)
             if force_exit is not None:  # conf >= +inf never holds, conf >= -inf always does
                 values = [np.inf if j != force_exit else -np.inf for j in range(self._num_exits - 1)]
+            elif default is not None and np.float32(self.policy.threshold) == np.float32(default):
+                values = []  # the graph's own default: feed nothing
             feed = {f"mexit_tau{j}": np.array(v, dtype=np.float32) for j, v in enumerate(values)}
             self._tau_feeds[force_exit] = feed
         return feed

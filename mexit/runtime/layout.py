@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from mexit.runtime.onnx_parts import node_attributes
+
 #: Suffix of the identity convolution's output (and, with ``_w``, its weight) for graph input ``name``.
 SKIP_CONV_SUFFIX = "_mexit_skipconv"
 
@@ -98,12 +100,6 @@ def ort_optimised(model: Any) -> Any:
         return onnx.load(so.optimized_model_filepath)
 
 
-def _attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _rename(graph: Any, old: str, new: str) -> None:
     """Every reference to value ``old`` in ``graph``'s nodes (inputs and outputs) now names ``new``."""
     for node in graph.node:
@@ -119,7 +115,7 @@ def _blocked_output(graph: Any, name: str) -> Any | None:
     node = next((n for n in graph.node if name in n.output), None)
     if node is None or node.domain != NCHWC_DOMAIN or node.op_type != "ReorderOutput":
         return None
-    attrs = _attrs(node)
+    attrs = node_attributes(node)
     channels = attrs.get("channels", 0)
     if attrs.get("channels_last", 0) or channels <= 0 or channels % NCHWC_MAX_BLOCK:
         return None
@@ -131,8 +127,8 @@ def _blocked_output(graph: Any, name: str) -> Any | None:
 def _blocked_inputs(graph: Any, name: str) -> list[Any] | None:
     """The ``ReorderInput`` nodes that read graph input ``name``, if they are all that read it; else None."""
     readers = [n for n in graph.node if name in n.input]
-    if not readers or any(n.domain != NCHWC_DOMAIN or n.op_type != "ReorderInput" or _attrs(n).get("channels_last", 0)
-                          for n in readers):
+    if not readers or any(n.domain != NCHWC_DOMAIN or n.op_type != "ReorderInput"
+                          or node_attributes(n).get("channels_last", 0) for n in readers):
         return None
     return readers
 
@@ -142,7 +138,7 @@ def _drop_identity_skip(graph: Any, name: str) -> None:
     arrives blocked it has nothing left to do (its output is its input)."""
     for node in list(graph.node):
         if (node.domain == NCHWC_DOMAIN and node.op_type == "Conv" and node.name.startswith(name + SKIP_CONV_SUFFIX)
-                and node.input[0] == name and len(node.input) == 2 and "activation" not in _attrs(node)):
+                and node.input[0] == name and len(node.input) == 2 and "activation" not in node_attributes(node)):
             graph.node.remove(node)
             _rename(graph, node.output[0], name)
 

@@ -15,6 +15,13 @@ def default_opset(model: Any) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
 
 
+def node_attributes(node: Any) -> dict[str, Any]:
+    """A node's attributes as ``{name: value}`` (``onnx.helper.get_attribute_value`` of each)."""
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def max_prob_nodes(logits: str, probs: str, conf: str, axes: str, opset: int) -> tuple[list[Any], list[Any]]:
     """``(nodes, initializers)`` computing ``probs = Softmax(logits)`` and ``conf`` = its row maximum (shape (n,)).
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from mexit.errors import ConfigError
+from mexit.runtime.onnx_parts import node_attributes
 
 #: Weights smaller than this (elements) stay float32 (64 Ki values = 256 KiB as float32).
 MIN_WEIGHT_ELEMENTS = 1 << 16
@@ -60,7 +61,6 @@ def _backbone_outputs(graph: Any, feature_output: str) -> set[str]:
 
 def head_matmuls(model: Any, feature_output: str | None) -> list[Any]:
     """The head's ``Gemm``/``MatMul`` nodes worth int8 weights (see the module docstring); none for the last stage."""
-    from onnx import helper
 
     if feature_output is None:
         return []
@@ -74,7 +74,7 @@ def head_matmuls(model: Any, feature_output: str | None) -> list[Any]:
         w = weights.get(node.input[1])
         if w is None or len(w.dims) != 2 or int(np.prod(w.dims)) < MIN_WEIGHT_ELEMENTS:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attributes(node)
         if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0):
             continue
         found.append(node)
@@ -87,7 +87,7 @@ def _gemm_as_matmul(model: Any, node: Any) -> str:
 
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attributes(node)
     w = numpy_helper.to_array(weights[node.input[1]])
     if attrs.get("transB", 0):
         w = w.T
