@@ -110,7 +110,8 @@ if section "TimeGuard claim over three Location audits" $CLAIM_RUNS; then
   python benchmarks/timeguard_claim.py $CLAIM_RUNS --out $R/timeguard_claim_location.json
 fi
 # Issue 14: where a batch-1 early exit spends its time; the request path with and without numpy around the single
-# graph; a batch as one graph against the per-stage chain; the chain's bookkeeping paired with session 8's loop
+# graph; a batch as one graph against the per-stage chain; the chain's bookkeeping paired with session 8's loop;
+# ONNX Runtime's session options and the folded mixed pools, several runtimes per version (session_variants)
 if section "runtime breakdown and batch paths, Location" "$LOC_RUN" "$LOC_BUNDLE"; then
   loc=(--run "$LOC_RUN" --bundle "$LOC_BUNDLE")
   python benchmarks/runtime_breakdown.py "${loc[@]}" --repeats 7
@@ -121,6 +122,7 @@ if section "runtime breakdown and batch paths, Location" "$LOC_RUN" "$LOC_BUNDLE
   done; done
   python benchmarks/batch_graph_throughput.py "${loc[@]}" --repeats 21
   python benchmarks/chain_bookkeeping.py "${loc[@]}" --repeats 31
+  python benchmarks/session_variants.py "${loc[@]}" --int8-heads --runtimes 3 --pairs 1000  # ONNX Runtime's options
 fi
 if section "runtime breakdown and batch paths, ResNet-56" "$CIFAR_RUN" "$CIFAR_BUNDLE"; then
   cif=(--run "$CIFAR_RUN" --bundle "$CIFAR_BUNDLE" --threshold 0.9)
@@ -132,6 +134,12 @@ if section "runtime breakdown and batch paths, ResNet-56" "$CIFAR_RUN" "$CIFAR_B
   done; done
   python benchmarks/batch_graph_throughput.py "${cif[@]}" --repeats 7
   python benchmarks/chain_bookkeeping.py "${cif[@]}" --repeats 15
+  python benchmarks/session_variants.py "${cif[@]}" --int8-heads --runtimes 3 --pairs 1000
+  for h in --int8-heads ""; do  # the folded mixed pools (on by default) against the heads as exported
+    # shellcheck disable=SC2086  # $h is one option or none
+    python benchmarks/session_variants.py "${cif[@]}" $h --variants default,control,no_fold_pools --runtimes 5 \
+      --pairs 4000 --batch 0
+  done
 fi
 # OpenVINO as a candidate backend (`pip install openvino`; not a dependency: it lost, see docs/results.md)
 if python -c "import openvino" 2>/dev/null; then
