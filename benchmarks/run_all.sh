@@ -135,11 +135,11 @@ if section "runtime breakdown and batch paths, ResNet-56" "$CIFAR_RUN" "$CIFAR_B
   python benchmarks/batch_graph_throughput.py "${cif[@]}" --repeats 7
   python benchmarks/chain_bookkeeping.py "${cif[@]}" --repeats 15
   python benchmarks/session_variants.py "${cif[@]}" --int8-heads --runtimes 3 --pairs 1000
-  for h in --int8-heads ""; do  # the folded mixed pools (on by default) against the heads as exported
+  for h in --int8-heads ""; do for v in no_fold_pools no_blocked_handoff; do  # rewrites on by default, undone
     # shellcheck disable=SC2086  # $h is one option or none
-    python benchmarks/session_variants.py "${cif[@]}" $h --variants default,control,no_fold_pools --runtimes 5 \
-      --pairs 4000 --batch 0
-  done
+    python benchmarks/session_variants.py "${cif[@]}" $h --variants default,control,$v --runtimes 6 --pairs 5000 \
+      --batch 0
+  done; done
 fi
 # OpenVINO as a candidate backend (`pip install openvino`; not a dependency: it lost, see docs/results.md)
 if python -c "import openvino" 2>/dev/null; then

@@ -17,7 +17,8 @@ options (the default ``--variants``):
 
 ``control`` is ``default`` again on runtimes of its own: the design's null, whose interval should hold 0.
 Graph rewrites, as backend options: ``no_fold_pools`` (``fold_pools=False``: the heads' mixed pools as exported,
-:mod:`mexit.runtime.pool_fold`).
+:mod:`mexit.runtime.pool_fold`) and ``no_blocked_handoff`` (``blocked_handoff=False``: every stage boundary reordered
+to NCHW and back, :func:`mexit.runtime.layout.hand_over_blocked`).
 
 A session's options are fixed when it is created, so variants cannot be switched on one session as
 ``request_path_paired.py`` does, and two sessions of one graph differ systematically by several µs a request on
@@ -67,6 +68,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "denormal_as_zero": {"config": {"session.set_denormal_as_zero": "1"}},
     "no_prepacking": {"config": {"session.disable_prepacking": "1"}},
     "no_fold_pools": {"backend": {"fold_pools": False}},
+    "no_blocked_handoff": {"backend": {"blocked_handoff": False}},
 }
 #: What ``--variants`` runs unless told otherwise.
 SESSION_OPTIONS = ("default", "control", "no_mem_pattern", "no_cpu_arena", "no_mem_reuse", "env_allocators",
