@@ -140,6 +140,8 @@ if section "runtime breakdown and batch paths, ResNet-56" "$CIFAR_RUN" "$CIFAR_B
     python benchmarks/session_variants.py "${cif[@]}" $h --variants default,control,$v --runtimes 6 --pairs 5000 \
       --batch 0
   done; done
+  python benchmarks/session_variants.py "${cif[@]}" --variants default,control,int8_heads --runtimes 6 --pairs 5000 \
+    --batch 0
 fi
 # OpenVINO as a candidate backend (`pip install openvino`; not a dependency: it lost, see docs/results.md)
 if python -c "import openvino" 2>/dev/null; then

@@ -18,7 +18,8 @@ options (the default ``--variants``):
 ``control`` is ``default`` again on runtimes of its own: the design's null, whose interval should hold 0.
 Graph rewrites, as backend options: ``no_fold_pools`` (``fold_pools=False``: the heads' mixed pools as exported,
 :mod:`mexit.runtime.pool_fold`) and ``no_blocked_handoff`` (``blocked_handoff=False``: every stage boundary reordered
-to NCHW and back, :func:`mexit.runtime.layout.hand_over_blocked`).
+to NCHW and back, :func:`mexit.runtime.layout.hand_over_blocked`); and ``int8_heads`` against float32 heads (run without
+``--int8-heads``; :mod:`mexit.runtime.quantize`).
 
 A session's options are fixed when it is created, so variants cannot be switched on one session as
 ``request_path_paired.py`` does, and two sessions of one graph differ systematically by several µs a request on
@@ -69,6 +70,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_prepacking": {"config": {"session.disable_prepacking": "1"}},
     "no_fold_pools": {"backend": {"fold_pools": False}},
     "no_blocked_handoff": {"backend": {"blocked_handoff": False}},
+    "int8_heads": {"backend": {"int8_heads": True}},
 }
 #: What ``--variants`` runs unless told otherwise.
 SESSION_OPTIONS = ("default", "control", "no_mem_pattern", "no_cpu_arena", "no_mem_reuse", "env_allocators",
@@ -171,7 +173,7 @@ def main() -> None:
         for name in names:
             with session_options_with(VARIANTS[name]):
                 runtimes[name].append(EarlyExitRuntime(args.bundle, threshold=args.threshold,
-                                                       **options, **VARIANTS[name].get("backend", {})))
+                                                       **{**options, **VARIANTS[name].get("backend", {})}))
     reference = runtimes["default"][0]
     answer = reference.predict(x)
     same = {name: float(np.mean([np.mean(rt.predict(x).exit_index == answer.exit_index) for rt in rts]))
