@@ -372,8 +372,8 @@ def _stage_graphs(bundle: Bundle, *, skip_conv: bool, int8_heads: bool = False,
         from mexit.runtime.pool_fold import fold_mixed_pools
 
         for model, e in zip(graphs, bundle.manifest.exits, strict=True):
-            if e.feature_shape is not None and len(e.feature_shape) == 3:
-                fold_mixed_pools(model, e.feature_shape[0])
+            if e.feature_output is not None and e.feature_shape is not None and len(e.feature_shape) == 3:
+                fold_mixed_pools(model, e.feature_output, e.feature_shape[0])
     if int8_heads:
         from mexit.runtime.quantize import quantize_internal_head
 

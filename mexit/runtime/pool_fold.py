@@ -47,8 +47,10 @@ def _scalar(graph: Any, name: str) -> float | None:
     return None
 
 
-def _match(graph: Any, add: Any, producer: dict[str, Any], consumers: dict[str, list[Any]]) -> dict[str, Any] | None:
-    """The mixed pool ending in ``add`` and the ``Flatten → Gemm`` after it, or None when ``add`` is not one."""
+def _match(graph: Any, add: Any, features: str, producer: dict[str, Any],
+           consumers: dict[str, list[Any]]) -> dict[str, Any] | None:
+    """The mixed pool of ``features`` ending in ``add`` and the ``Flatten → Gemm`` after it, or None when ``add`` is
+    not one."""
     muls = [producer.get(name) for name in add.input]
     if len(muls) != 2 or any(m is None or m.op_type != "Mul" for m in muls):
         return None
@@ -63,7 +65,7 @@ def _match(graph: Any, add: Any, producer: dict[str, Any], consumers: dict[str, 
     if set(branches) != {"MaxPool", "AveragePool"}:
         return None
     (max_pool, sigmoid), (avg_pool, sub) = branches["MaxPool"], branches["AveragePool"]
-    if (sigmoid.op_type != "Sigmoid" or sub.op_type != "Sub" or max_pool.input[0] != avg_pool.input[0]
+    if (sigmoid.op_type != "Sigmoid" or sub.op_type != "Sub" or not max_pool.input[0] == avg_pool.input[0] == features
             or list(sub.input) != [sub.input[0], sigmoid.output[0]] or _scalar(graph, sub.input[0]) != 1.0):
         return None
     gate = _scalar(graph, sigmoid.input[0])
@@ -79,9 +81,10 @@ def _match(graph: Any, add: Any, producer: dict[str, Any], consumers: dict[str, 
             "gemm": gemms[0], "alpha": float(1.0 / (1.0 + np.exp(-np.float64(gate))))}
 
 
-def fold_mixed_pools(model: Any, channels: int) -> int:
-    """Rewrite every gated mixed pool of ``model`` (an ``onnx.ModelProto``, in place) whose features have
-    ``channels`` channels, as the module docstring says; returns how many were folded."""
+def fold_mixed_pools(model: Any, features: str, channels: int) -> int:
+    """Rewrite every gated mixed pool that ``model`` (an ``onnx.ModelProto``, in place) applies to its value
+    ``features`` of ``channels`` channels (a stage's feature output), as the module docstring says; returns how many
+    were folded. Pools of any other value are left alone, since their channel count is not known here."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -92,7 +95,7 @@ def fold_mixed_pools(model: Any, channels: int) -> int:
         for node in graph.node:
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
-        found = _match(graph, add, producer, consumers)
+        found = _match(graph, add, features, producer, consumers)
         if found is None:
             continue
         alpha = found["alpha"]
