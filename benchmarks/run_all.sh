@@ -123,6 +123,8 @@ if section "runtime breakdown and batch paths, Location" "$LOC_RUN" "$LOC_BUNDLE
   python benchmarks/batch_graph_throughput.py "${loc[@]}" --repeats 21
   python benchmarks/chain_bookkeeping.py "${loc[@]}" --repeats 31
   python benchmarks/session_variants.py "${loc[@]}" --int8-heads --runtimes 3 --pairs 1000  # ONNX Runtime's options
+  python benchmarks/session_variants.py "${loc[@]}" --variants default,control,int8_heads --runtimes 6 --pairs 5000 \
+    --batch 0
 fi
 if section "runtime breakdown and batch paths, ResNet-56" "$CIFAR_RUN" "$CIFAR_BUNDLE"; then
   cif=(--run "$CIFAR_RUN" --bundle "$CIFAR_BUNDLE" --threshold 0.9)
