@@ -190,18 +190,26 @@ def main() -> None:
                 rt.predict(x[i : i + 1])
 
     calls = {name: [rt.predict for rt in rts] for name, rts in runtimes.items()}
-    picked: list[int] = []
 
-    def one_sample() -> np.ndarray:
-        picked.append(int(rng.integers(len(x))))
-        return x[picked[-1]][None]
+    def measured(size: int, rounds: int, ratio: str, predicted_key: str) -> dict[str, Any]:
+        """Every version paired over ``rounds`` inputs of ``size`` distinct test samples; ``ratio``: the key of each
+        version's realised / FLOPs-predicted speed-up (or gain) against the full-depth graph's time, stored with the
+        prediction under ``predicted_key``."""
+        picked: list[int] = []
 
-    times, used, full_ns = paired_times(calls, lambda xi: full.run(None, {in_name: xi}), one_sample, args.pairs, rng)
-    predicted = full_flops / costs[answer.exit_index[picked]].mean()
-    batch1 = compare({n: t / 1e3 for n, t in times.items()}, used, args.runtimes, rng)
-    full_us = float(full_ns.mean() / 1e3)
-    for row in batch1.values():
-        row["realised_over_predicted"] = full_us / row["mean"] / predicted
+        def draw() -> np.ndarray:
+            idx = rng.choice(len(x), size=min(size, len(x)), replace=False)
+            picked.extend(idx.tolist())
+            return x[idx]
+
+        times, used, full_ns = paired_times(calls, lambda xb: full.run(None, {in_name: xb}), draw, rounds, rng)
+        predicted = full_flops / costs[answer.exit_index[picked]].mean()
+        rows = compare({n: t / 1e3 for n, t in times.items()}, used, args.runtimes, rng)
+        full_us = float(full_ns.mean() / 1e3)
+        for row in rows.values():
+            row[ratio] = full_us / row["mean"] / predicted
+        return {"full_graph_us": full_us, predicted_key: predicted, "variants": rows}
+
     record: dict[str, Any] = {
         "benchmark": "session_variants", "run": str(args.run), "bundle": str(args.bundle),
         "arch": reference.manifest.model.arch, "dataset": reference.manifest.dataset.name,
@@ -210,28 +218,14 @@ def main() -> None:
         "samples": len(x), "rounds": args.pairs, "exit_agreement_with_default": same,
         "batch1": {"unit": "µs a request, mean over rounds; realised / FLOPs-predicted speed-up against the bare "
                            "session.run of the full-depth graph timed just before each call",
-                   "full_graph_us": full_us, "predicted_speedup_flops": predicted, "variants": batch1},
+                   **measured(1, args.pairs, "realised_over_predicted", "predicted_speedup_flops")},
     }
     if args.batch:
-        picked.clear()
-
-        def one_batch() -> np.ndarray:
-            idx = rng.choice(len(x), size=min(args.batch, len(x)), replace=False)
-            picked.extend(idx.tolist())
-            return x[idx]
-
         rounds = max(args.pairs // args.batch * 4, 20)
-        times, used, full_ns = paired_times(calls, lambda xb: full.run(None, {in_name: xb}), one_batch, rounds, rng)
-        predicted_gain = full_flops / costs[answer.exit_index[picked]].mean()
-        batched_rows = compare({n: t / 1e3 for n, t in times.items()}, used, args.runtimes, rng)
-        full_ms = float(full_ns.mean() / 1e6)
-        for row in batched_rows.values():
-            row["gain_over_predicted"] = full_ms * 1e3 / row["mean"] / predicted_gain
         record["batched"] = {"batch": args.batch, "rounds": rounds,
                              "unit": "µs a batch, mean over rounds; gain over the full-depth graph (timed just before "
                                      "each call), over the FLOPs-predicted gain",
-                             "full_graph_us": full_ms * 1e3, "predicted_gain_flops": predicted_gain,
-                             "variants": batched_rows}
+                             **measured(args.batch, rounds, "gain_over_predicted", "predicted_gain_flops")}
     record["load_average_1_5_15"] = {"before": list(load_before), "after": list(os.getloadavg()),
                                      "cpus": os.cpu_count()}
     record["provenance"] = provenance(seed=args.seed)
@@ -242,18 +236,16 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / name
     atomic_write_json(out, record)
     print(f"exit agreement with default: {same}")
-    print(f"batch 1, µs a request (full-depth graph {full_us:.0f}); difference from default [95 % interval]; "
-          "realised / predicted")
-    for name, row in batch1.items():
-        lo, hi = row["difference_ci95"]
-        print(f"  {name:18s} {row['mean']:8.1f}  {row['difference_from_default']:+7.1f} [{lo:+7.1f}, {hi:+7.1f}]  "
-              f"{row['realised_over_predicted']:.3f}")
+    parts = [("batch1", "batch 1, µs a request", "realised / predicted", "realised_over_predicted")]
     if args.batch:
-        print(f"batch {args.batch}, µs a batch; difference from default [95 % interval]; gain over predicted")
-        for name, row in record["batched"]["variants"].items():
+        parts.append(("batched", f"batch {args.batch}, µs a batch", "gain over predicted", "gain_over_predicted"))
+    for key, title, ratio_name, ratio in parts:
+        print(f"{title} (full-depth graph {record[key]['full_graph_us']:.0f}); difference from default "
+              f"[95 % interval]; {ratio_name}")
+        for name, row in record[key]["variants"].items():
             lo, hi = row["difference_ci95"]
             print(f"  {name:18s} {row['mean']:8.1f}  {row['difference_from_default']:+7.1f} [{lo:+7.1f}, {hi:+7.1f}]  "
-                  f"{row['gain_over_predicted']:.3f}")
+                  f"{row[ratio]:.3f}")
     print(f"written to {out}")
 
 

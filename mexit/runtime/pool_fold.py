@@ -88,13 +88,15 @@ def fold_mixed_pools(model: Any, features: str, channels: int) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    folded = 0
+    folded, stale = 0, True
     for add in [n for n in graph.node if n.op_type == "Add"]:
-        producer = {out: node for node in graph.node for out in node.output}
-        consumers: dict[str, list[Any]] = {}
-        for node in graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
+        if stale:  # the maps of the graph as it stands (built again after each fold, which changes it)
+            stale = False
+            producer = {out: node for node in graph.node for out in node.output}
+            consumers: dict[str, list[Any]] = {}
+            for node in graph.node:
+                for name in node.input:
+                    consumers.setdefault(name, []).append(node)
         found = _match(graph, add, features, producer, consumers)
         if found is None:
             continue
@@ -106,11 +108,11 @@ def fold_mixed_pools(model: Any, features: str, channels: int) -> int:
         else:
             kept, scaled, c, beta = found["avg"], found["max"], 1 - alpha, alpha / (1 - alpha)
         gemm = found["gemm"]
-        weights = {init.name: init for init in graph.initializer}
-        if gemm.input[1] not in weights:
+        weight = next((init for init in graph.initializer if init.name == gemm.input[1]), None)
+        if weight is None:
             continue
         pooled = add.output[0]
-        w = numpy_helper.to_array(weights[gemm.input[1]]).astype(np.float64) * c
+        w = numpy_helper.to_array(weight).astype(np.float64) * c
         w_name, dw_name = f"{gemm.input[1]}_mexit_poolfold", f"{pooled}_mexit_poolfold_dw"
         graph.initializer.extend([
             numpy_helper.from_array(w.astype(np.float32), w_name),
@@ -126,17 +128,15 @@ def fold_mixed_pools(model: Any, features: str, channels: int) -> int:
         at = list(graph.node).index(found["flatten"])
         graph.node.insert(at, total)
         graph.node.insert(at, conv)
-        _drop_dead(graph)
-        folded += 1
+        _drop_unread(graph, [found["sigmoid"], found["sub"], producer.get(found["sub"].input[0])])
+        folded, stale = folded + 1, True
     return folded
 
 
-def _drop_dead(graph: Any) -> None:
-    """Remove nodes none of whose outputs is read (the gate's ``Sigmoid``, ``Sub`` and ``Constant``)."""
-    while True:
-        read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        dead = [node for node in graph.node if not any(out in read for out in node.output)]
-        if not dead:
-            return
-        for node in dead:
+def _drop_unread(graph: Any, candidates: list[Any]) -> None:
+    """Remove those of the gate's nodes (``Sub``, then ``Sigmoid`` and the ``Constant`` 1) whose outputs nothing
+    reads any more; the rest of the graph is left as it was."""
+    for node in sorted((n for n in candidates if n is not None), key=lambda n: n.op_type != "Sub"):
+        read = {name for other in graph.node for name in other.input} | {o.name for o in graph.output}
+        if node in graph.node and not any(out in read for out in node.output):
             graph.node.remove(node)

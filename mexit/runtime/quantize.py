@@ -61,7 +61,6 @@ def _backbone_outputs(graph: Any, feature_output: str) -> set[str]:
 
 def head_matmuls(model: Any, feature_output: str | None) -> list[Any]:
     """The head's ``Gemm``/``MatMul`` nodes worth int8 weights (see the module docstring); none for the last stage."""
-
     if feature_output is None:
         return []
     graph = model.graph
