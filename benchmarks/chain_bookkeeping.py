@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from host_probe import HostRun  # a sibling script
 from runtime_latency import add_test_split_options, held_out, write_bundle_record  # a sibling script
 
 from mexit.runtime import EarlyExitRuntime
@@ -127,7 +127,7 @@ def main() -> None:
     add_test_split_options(parser, samples=1024, repeats=21)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     args = parser.parse_args()
-    load_before = os.getloadavg()
+    host = HostRun.begin()
     x, _ = held_out(args)
     after = EarlyExitRuntime(args.bundle, threshold=args.threshold)
     between = BetweenStages(args.bundle, threshold=args.threshold)
@@ -174,7 +174,7 @@ def main() -> None:
             "after_minus_between_median_ci95": paired_median_ci(diff, args.seed),
             "repeats_after_ahead": sum(d > 0 for d in diff),
             "between_runs_us": outside, "same_exits_and_probs": same, "goal": ">= 0.8"})
-    out = write_bundle_record("chain_bookkeeping", args, after, results, load_before)
+    out = write_bundle_record("chain_bookkeeping", args, after, results, host)
     for r in results:
         print(json.dumps({"batch": r["batch"], "gain_over_predicted": r["gain_over_predicted"],
                           "after_minus_between_median": round(r["after_minus_between_median"], 3),

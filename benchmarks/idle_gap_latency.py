@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+from host_probe import HostRun  # a sibling script
 
 from mexit._io import atomic_write_json, provenance
 from mexit.runtime import EarlyExitRuntime
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    load_before = os.getloadavg()
+    host = HostRun.begin()
     rt = EarlyExitRuntime(args.bundle)
     exits = args.exits or [0, rt.num_exits - 1]
     x = np.random.default_rng(args.seed).random((1, *rt.input_shape)).astype(np.float32)
@@ -63,8 +63,7 @@ def main() -> None:
     record = {"benchmark": "idle_gap_latency", "bundle": str(args.bundle), "arch": m.model.arch,
               "dataset": m.dataset.name, "threads": 1, "calls_per_block": args.calls, "warmup": args.warmup,
               "repeats": args.repeats, "rows": rows,
-              "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()),
-                                      "cpus": os.cpu_count()},
+              "load_average_1_5_15": host.load_record(), "host": host.host_record(),
               "provenance": provenance(seed=args.seed)}
     out = args.out or Path(__file__).parent / "results" / f"idle_gap_latency_{m.dataset.name}_{m.model.arch}.json"
     atomic_write_json(out, record)

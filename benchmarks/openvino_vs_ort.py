@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from host_probe import HostRun  # a sibling script
 from runtime_latency import (  # a sibling script, importable once its folder is on sys.path
     add_test_split_options,
     blocked_per_sample,
@@ -94,7 +94,7 @@ def main() -> None:
         import openvino as ov
     except ImportError:
         parser.error("this benchmark needs OpenVINO: pip install openvino")
-    load_before = os.getloadavg()
+    host = HostRun.begin()
     x, _ = held_out(args)
     b = load_bundle(args.bundle)
     m = b.manifest
@@ -131,7 +131,7 @@ def main() -> None:
             "batch1": batch1["openvino_single_if_graph"] < batch1["mexit_runtime_onnxruntime"]
             or batch1["openvino_stage_chain"] < batch1["mexit_runtime_onnxruntime"],
             "batch64": batch64["openvino_stage_chain"] < batch64["mexit_runtime_onnxruntime"]},
-        "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()},
+        "load_average_1_5_15": host.load_record(), "host": host.host_record(),
         "provenance": provenance(seed=args.seed),
     }
     out = args.out or Path(__file__).parent / "results" / f"openvino_vs_ort_{m.dataset.name}_{m.model.arch}.json"

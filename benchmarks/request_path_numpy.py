@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from host_probe import HostRun  # a sibling script
 from runtime_latency import (  # a sibling script
     _ratio_of_means,
     add_test_split_options,
@@ -73,7 +73,7 @@ def main() -> None:
     add_test_split_options(parser, samples=400, repeats=7)
     parser.add_argument("--int8-heads", action="store_true", help="both runtimes with int8_heads=True")
     args = parser.parse_args()
-    load_before = os.getloadavg()
+    host = HostRun.begin()
     x, _ = held_out(args)
     opts = {"int8_heads": True} if args.int8_heads else {}
     graph_only = EarlyExitRuntime(args.bundle, threshold=args.threshold, **opts)
@@ -117,7 +117,7 @@ def main() -> None:
         "realised_over_predicted": paths,
         "graph_only_minus_numpy_around_run": diff,
         "graph_only_minus_thresholds_fed": diff_fed,
-        "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()},
+        "load_average_1_5_15": host.load_record(), "host": host.host_record(),
         "provenance": provenance(seed=args.seed),
     }
     out = args.out or Path(__file__).parent / "results" / f"request_path_numpy_{m.dataset.name}_{m.model.arch}.json"

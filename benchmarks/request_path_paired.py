@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from host_probe import HostRun  # a sibling script
 from request_path_numpy import fed_thresholds  # sibling scripts
 from runtime_latency import add_test_split_options, held_out
 from scipy import stats
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--exit", type=int, help="only samples leaving at this exit")
     parser.add_argument("--pairs", type=int, default=1500)
     args = parser.parse_args()
-    load_before = os.getloadavg()
+    host = HostRun.begin()
     x, _ = held_out(args)
     def make() -> EarlyExitRuntime:
         return EarlyExitRuntime(args.bundle, threshold=args.threshold,
@@ -125,7 +125,7 @@ def main() -> None:
         "int8_heads": bool(args.int8_heads), "exit": args.exit, "samples": len(x), "pairs": args.pairs,
         "same_answers": bool(same), "median_difference_us": float(np.median(diff)),
         "median_difference_ci95_us": [float(ci.low), float(ci.high)], "first_faster_share": float(np.mean(diff < 0)),
-        "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()},
+        "load_average_1_5_15": host.load_record(), "host": host.host_record(),
         "provenance": provenance(seed=args.seed),
     }
     suffix = "" if args.exit is None else f"_exit{args.exit}"

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from host_probe import HostRun  # a sibling script
 from onnx import TensorProto, compose, helper, utils
 from runtime_latency import (  # a sibling script, importable once its folder is on sys.path
     add_test_split_options,
@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--split-rounds", type=int, default=11,
                         help="interleaved rounds of the nesting split (0: skip it)")
     args = parser.parse_args()
-    load_before = os.getloadavg()
+    host = HostRun.begin()
     x, _ = held_out(args)
     tmp = Path(tempfile.mkdtemp(prefix="mexit-breakdown-"))
     b = load_bundle(args.bundle)
@@ -290,7 +290,7 @@ def main() -> None:
         "nesting_split": split,
         "at_natural_exits": at_natural_exits(times, exits, kinds, np.asarray(rt.exit_costs, dtype=np.float64),
                                              float(m.exits[-1].cumulative_flops)),
-        "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()},
+        "load_average_1_5_15": host.load_record(), "host": host.host_record(),
         "provenance": provenance(seed=args.seed),
     }
     out = args.out or Path(__file__).parent / "results" / f"runtime_breakdown_{m.dataset.name}_{m.model.arch}.json"

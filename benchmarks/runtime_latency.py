@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -54,6 +53,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from host_probe import HostRun  # a sibling script
 from onnx import compose
 
 from mexit._io import atomic_write_json, provenance
@@ -440,15 +440,14 @@ def add_test_split_options(parser: argparse.ArgumentParser, *, samples: int, rep
 
 
 def write_bundle_record(benchmark: str, args: argparse.Namespace, rt: Any, results: list[dict[str, Any]],
-                        load_before: tuple[float, float, float]) -> Path:
+                        host: HostRun) -> Path:
     """Write a bundle benchmark's JSON (the run, bundle, model, threshold, results, machine load and provenance) to
     ``--out`` or ``results/{benchmark}_{dataset}_{arch}.json``; returns the path."""
     m = rt.manifest
     record = {"benchmark": benchmark, "run": str(args.run), "bundle": str(args.bundle), "arch": m.model.arch,
               "dataset": m.dataset.name, "threshold": rt.threshold, "threads": 1, "repeats": args.repeats,
               "batches": results,
-              "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg()),
-                                      "cpus": os.cpu_count()},
+              "load_average_1_5_15": host.load_record(), "host": host.host_record(),
               "provenance": provenance(seed=args.seed)}
     out = args.out or Path(__file__).parent / "results" / f"{benchmark}_{m.dataset.name}_{m.model.arch}.json"
     atomic_write_json(out, record)
@@ -479,7 +478,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    load_before = os.getloadavg()
+    host = HostRun.begin()
     tmp = Path(tempfile.mkdtemp(prefix="mexit-bench-"))
     bundle_dir = args.bundle
     rng = np.random.default_rng(args.seed)
@@ -561,8 +560,7 @@ def main() -> None:
     record["blocked_handoff"] = handoff
     record["runtime_wrapper_batch1"] = wrapper_cost(rt, x[:1], rounds=args.rounds)
     record["stage_cost_by_rows"] = stage_cost_by_rows(bare_loop(bundle_dir, opts), x, rounds=max(20, args.rounds // 5))
-    record["load_average_1_5_15"] = {"before": list(load_before), "after": list(os.getloadavg()),
-                                     "cpus": os.cpu_count()}
+    record["load_average_1_5_15"], record["host"] = host.load_record(), host.host_record()
     name = f"runtime_latency_{record['dataset']}_{record['arch']}_x{record['num_exits']}.json"
     out = args.out or Path(__file__).parent / "results" / name
     atomic_write_json(out, record)

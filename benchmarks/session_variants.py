@@ -42,7 +42,6 @@ backend offers no option for them, since none is in use); the graphs are the run
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from host_probe import HostRun  # a sibling script
 from runtime_latency import add_test_split_options, held_out  # a sibling script
 
 import mexit.runtime.backends as backends
@@ -163,7 +163,7 @@ def main() -> None:
     names = args.variants.split(",")
     if names[0] != "default" or any(n not in VARIANTS for n in names):
         raise SystemExit(f"--variants: 'default' first, then any of {', '.join(VARIANTS)}")
-    load_before = os.getloadavg()
+    host = HostRun.begin()
     x, _ = held_out(args)
     if "env_allocators" in names:
         register_env_allocator()
@@ -226,8 +226,7 @@ def main() -> None:
                              "unit": "µs a batch, mean over rounds; gain over the full-depth graph (timed just before "
                                      "each call), over the FLOPs-predicted gain",
                              **measured(args.batch, rounds, "gain_over_predicted", "predicted_gain_flops")}
-    record["load_average_1_5_15"] = {"before": list(load_before), "after": list(os.getloadavg()),
-                                     "cpus": os.cpu_count()}
+    record["load_average_1_5_15"], record["host"] = host.load_record(), host.host_record()
     record["provenance"] = provenance(seed=args.seed)
     m = reference.manifest
     suffix = "_int8heads" if args.int8_heads else ""
