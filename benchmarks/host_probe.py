@@ -2,11 +2,10 @@
 
 Why: the deployment-speed benchmarks are run on a shared 2-vCPU VM whose hardware and neighbours change between
 sessions. Load averages alone did not show it: on two hosts with the same load one FCN-18-1 stage cost 19.5 µs a row
-at 64 rows and 245 µs at 1 row, on the other 47 µs and 111 µs (``stage_cost_by_rows``, issue 14, sessions 12 and 14) —
-fast compute with slow weight streaming on one, the other way round on the other, with opposite consequences for
-early exit's batch-64 gain. The probes
-time the two regimes the bundles' stages live in, with the benchmarks' own engine and settings (ONNX Runtime CPU,
-one thread, no spinning):
+at 64 rows and 245 µs at 1 row, on the other 47 µs and 111 µs (``stage_cost_by_rows``, issue 14, sessions 12 and 14)
+— fast compute with slow weight streaming on one, the other way round on the other, with opposite consequences for
+early exit's batch-64 gain. The probes time the two regimes the bundles' stages live in, with the benchmarks' own
+engine and settings (ONNX Runtime CPU, one thread, no spinning):
 
 - ``gemm_gflops``: ``MatMul`` of 64 rows by a 1024 × 1024 float32 weight (4 MiB, cache-resident after the first
   call) — the compute a batch's stage gets;
