@@ -123,3 +123,7 @@ class HostRun:
         if self._after is None:
             self._after = probe()
         return {**cpu_description(), "probe_before": self.probe_before, "probe_after": self._after}
+
+    def fields(self) -> dict[str, Any]:
+        """The two entries every deployment-speed JSON carries: ``load_average_1_5_15`` and ``host``."""
+        return {"load_average_1_5_15": self.load_record(), "host": self.host_record()}

@@ -63,7 +63,7 @@ def main() -> None:
     record = {"benchmark": "idle_gap_latency", "bundle": str(args.bundle), "arch": m.model.arch,
               "dataset": m.dataset.name, "threads": 1, "calls_per_block": args.calls, "warmup": args.warmup,
               "repeats": args.repeats, "rows": rows,
-              "load_average_1_5_15": host.load_record(), "host": host.host_record(),
+              **host.fields(),
               "provenance": provenance(seed=args.seed)}
     out = args.out or Path(__file__).parent / "results" / f"idle_gap_latency_{m.dataset.name}_{m.model.arch}.json"
     atomic_write_json(out, record)

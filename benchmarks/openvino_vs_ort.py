@@ -131,7 +131,7 @@ def main() -> None:
             "batch1": batch1["openvino_single_if_graph"] < batch1["mexit_runtime_onnxruntime"]
             or batch1["openvino_stage_chain"] < batch1["mexit_runtime_onnxruntime"],
             "batch64": batch64["openvino_stage_chain"] < batch64["mexit_runtime_onnxruntime"]},
-        "load_average_1_5_15": host.load_record(), "host": host.host_record(),
+        **host.fields(),
         "provenance": provenance(seed=args.seed),
     }
     out = args.out or Path(__file__).parent / "results" / f"openvino_vs_ort_{m.dataset.name}_{m.model.arch}.json"

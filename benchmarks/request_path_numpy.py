@@ -117,7 +117,7 @@ def main() -> None:
         "realised_over_predicted": paths,
         "graph_only_minus_numpy_around_run": diff,
         "graph_only_minus_thresholds_fed": diff_fed,
-        "load_average_1_5_15": host.load_record(), "host": host.host_record(),
+        **host.fields(),
         "provenance": provenance(seed=args.seed),
     }
     out = args.out or Path(__file__).parent / "results" / f"request_path_numpy_{m.dataset.name}_{m.model.arch}.json"

@@ -125,7 +125,7 @@ def main() -> None:
         "int8_heads": bool(args.int8_heads), "exit": args.exit, "samples": len(x), "pairs": args.pairs,
         "same_answers": bool(same), "median_difference_us": float(np.median(diff)),
         "median_difference_ci95_us": [float(ci.low), float(ci.high)], "first_faster_share": float(np.mean(diff < 0)),
-        "load_average_1_5_15": host.load_record(), "host": host.host_record(),
+        **host.fields(),
         "provenance": provenance(seed=args.seed),
     }
     suffix = "" if args.exit is None else f"_exit{args.exit}"

@@ -290,7 +290,7 @@ def main() -> None:
         "nesting_split": split,
         "at_natural_exits": at_natural_exits(times, exits, kinds, np.asarray(rt.exit_costs, dtype=np.float64),
                                              float(m.exits[-1].cumulative_flops)),
-        "load_average_1_5_15": host.load_record(), "host": host.host_record(),
+        **host.fields(),
         "provenance": provenance(seed=args.seed),
     }
     out = args.out or Path(__file__).parent / "results" / f"runtime_breakdown_{m.dataset.name}_{m.model.arch}.json"

@@ -447,7 +447,7 @@ def write_bundle_record(benchmark: str, args: argparse.Namespace, rt: Any, resul
     record = {"benchmark": benchmark, "run": str(args.run), "bundle": str(args.bundle), "arch": m.model.arch,
               "dataset": m.dataset.name, "threshold": rt.threshold, "threads": 1, "repeats": args.repeats,
               "batches": results,
-              "load_average_1_5_15": host.load_record(), "host": host.host_record(),
+              **host.fields(),
               "provenance": provenance(seed=args.seed)}
     out = args.out or Path(__file__).parent / "results" / f"{benchmark}_{m.dataset.name}_{m.model.arch}.json"
     atomic_write_json(out, record)
@@ -560,7 +560,7 @@ def main() -> None:
     record["blocked_handoff"] = handoff
     record["runtime_wrapper_batch1"] = wrapper_cost(rt, x[:1], rounds=args.rounds)
     record["stage_cost_by_rows"] = stage_cost_by_rows(bare_loop(bundle_dir, opts), x, rounds=max(20, args.rounds // 5))
-    record["load_average_1_5_15"], record["host"] = host.load_record(), host.host_record()
+    record.update(host.fields())
     name = f"runtime_latency_{record['dataset']}_{record['arch']}_x{record['num_exits']}.json"
     out = args.out or Path(__file__).parent / "results" / name
     atomic_write_json(out, record)

@@ -226,7 +226,7 @@ def main() -> None:
                              "unit": "µs a batch, mean over rounds; gain over the full-depth graph (timed just before "
                                      "each call), over the FLOPs-predicted gain",
                              **measured(args.batch, rounds, "gain_over_predicted", "predicted_gain_flops")}
-    record["load_average_1_5_15"], record["host"] = host.load_record(), host.host_record()
+    record.update(host.fields())
     record["provenance"] = provenance(seed=args.seed)
     m = reference.manifest
     suffix = "_int8heads" if args.int8_heads else ""

@@ -13,19 +13,9 @@ import pytest
 
 from tests.export import tiny
 
-pytest.importorskip("torch")  # the tiny bundle is exported from a PyTorch model
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from batch_graph_throughput import bucketed_stream, masked  # a sibling script, not a package module
-
-
-@pytest.fixture(scope="module")
-def conv_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mexit.export import export_bundle
-
-    return export_bundle(tiny.tiny_conv(), tmp_path_factory.mktemp("bundles") / "conv",
-                         sample_inputs=tiny.conv_inputs(16, seed=5), threshold=0.8, dataset_name="toy-images",
-                         dataset_kind="image", exporter="legacy")
 
 
 @pytest.mark.parametrize("bucket", [7, 64])
